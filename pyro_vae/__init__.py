@@ -1,0 +1,26 @@
+"""pyro_vae: variational autoencoders as Pyro model/guide pairs, with honest bounds.
+
+    from pyro_vae import VAE, TrainConfig, fit, load_run, estimate_bounds
+
+Importing the package turns on ``pyro.settings.set(module_local_params=True)``: each
+PyroModule keeps its own parameters (no global parameter store), so two models in one
+process never share weights by name and plain torch optimizers apply.
+"""
+
+import pyro
+
+from .bounds import BoundEstimates, estimate_bounds, log_weights
+from .data import Dataset, load_dataset
+from .errors import PyroVAEError
+from .models import MODELS, VAE, VAEConfig, build_model
+from .objectives import OBJECTIVES, make_objective
+from .train import Run, TrainConfig, fit, load_run, resume
+
+pyro.settings.set(module_local_params=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "MODELS", "OBJECTIVES", "VAE", "BoundEstimates", "Dataset", "PyroVAEError", "Run",
+    "TrainConfig", "VAEConfig", "build_model", "estimate_bounds", "fit", "load_dataset",
+    "load_run", "log_weights", "make_objective", "resume",
+]

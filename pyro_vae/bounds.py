@@ -1,0 +1,246 @@
+"""Per-datapoint importance-sampled bounds on log p(x) for any model/guide pair.
+
+For each datapoint x and K draws z_k ~ q(z | x),
+
+    log w_k = log p(x, z_k) - log q(z_k | x)
+    ELBO    = mean_k log w_k
+    IWAE-k  = E[ logsumexp of k weights - log k ]        (Burda et al. 2016)
+    log p(x) ~ logsumexp_{k<=K} log w_k - log K           (the IWAE-K bound, K large)
+
+Pyro's ``Importance`` and ``vectorized_importance_weights`` give one weight per particle
+for the whole batch; here the batch is repeated K times along the data plate instead, so
+every weight belongs to one datapoint. Sites marked for parallel enumeration are summed
+out exactly inside each weight: their log-densities broadcast along extra left dimensions,
+and a logsumexp over those dimensions marginalises them before any average over K. A
+site enumerated in the guide contributes its model prior and no guide density, which
+makes w_k = sum_y p(x, y, z_k^y) / q(z_k^y | x, y), still unbiased for p(x).
+
+Every latent must live inside the model's data plate (no global latent variables).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+
+DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+def _repeat(value: Any, times: int, batch: int) -> Any:
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+    return value
+
+
+def _site_log_prob(site: dict) -> torch.Tensor:
+    # unscaled on purpose: KL annealing and subsample scales are training devices, not densities
+    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(lp, mask=site["mask"])
+
+
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    *args: Any,
+    max_plate_nesting: int = 1,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log importance weights of ``num_particles`` draws for each row of ``x``.
+
+    Returns ``(log_w, log_lik)``, both of shape (num_particles, batch): the weights, and
+    the observed sites' log-likelihood for the same draws (averaged over any enumerated
+    variables under their posterior given x and z), from which E_q[log p(x | z)] and the
+    KL term of the ELBO are read off. Extra tensor arguments whose first dimension is the
+    batch are repeated along with ``x``.
+    """
+    batch = x.shape[0]
+    n = batch * num_particles
+    args = tuple(_repeat(a, num_particles, batch) for a in args)
+    kwargs = {k: _repeat(v, num_particles, batch) for k, v in kwargs.items()}
+    x = _repeat(x, num_particles, batch)
+
+    first_dim = -1 - max_plate_nesting
+    guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=first_dim)).get_trace(
+        x, *args, **kwargs
+    )
+    guide_enum_dims = [
+        s["infer"]["_enumerate_dim"]
+        for s in guide_trace.nodes.values()
+        if s["type"] == "sample" and "_enumerate_dim" in s["infer"]
+    ]
+    model_first_dim = min(guide_enum_dims, default=0) - 1 if guide_enum_dims else first_dim
+    model_trace = poutine.trace(
+        poutine.replay(poutine.enum(model, first_available_dim=model_first_dim), trace=guide_trace)
+    ).get_trace(x, *args, **kwargs)
+
+    log_joint: Any = 0.0
+    log_lik: Any = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = _site_log_prob(site)
+        if lp.dim() == 0 or lp.shape[-1] != n:
+            raise ValueError(
+                f"site {name!r} is not inside the data plate (log-density shape "
+                f"{tuple(lp.shape)}); per-datapoint bounds need every site in it"
+            )
+        log_joint = log_joint + lp
+        if site["is_observed"]:
+            log_lik = log_lik + lp
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            if "_enumerate_dim" not in site["infer"]:
+                log_joint = log_joint - _site_log_prob(site)
+
+    # sum out enumerated variables: everything left of the data dimension
+    log_joint = log_joint.reshape(-1, n) if log_joint.dim() > 1 else log_joint.reshape(1, n)
+    shape = torch.broadcast_shapes(log_joint.shape, torch.as_tensor(log_lik).shape)
+    log_joint = log_joint.expand(shape)
+    log_lik = torch.as_tensor(log_lik, device=log_joint.device).expand(shape)
+    posterior = torch.softmax(log_joint, dim=0)
+    log_w = torch.logsumexp(log_joint, dim=0)
+    log_lik = (posterior * log_lik).sum(0)
+    return log_w.view(num_particles, batch), log_lik.view(num_particles, batch)
+
+
+def _iwae_groups(log_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IWAE-k per datapoint from disjoint groups of k weights: mean and its standard error."""
+    m = log_w.shape[0] // k
+    groups = log_w[: m * k].view(m, k, -1)
+    est = torch.logsumexp(groups, dim=1) - math.log(k)
+    se = est.std(0) / math.sqrt(m) if m > 1 else torch.full_like(est[0], float("nan"))
+    return est.mean(0), se
+
+
+def _log_mean_exp_se(log_w: torch.Tensor) -> torch.Tensor:
+    """Delta-method standard error of log(mean_k w_k): sd(w) / (sqrt(K) mean(w))."""
+    w = torch.exp(log_w - log_w.max(0, keepdim=True).values)
+    if w.shape[0] < 2:
+        return torch.full_like(w[0], float("nan"))
+    return w.std(0) / (math.sqrt(w.shape[0]) * w.mean(0))
+
+
+@dataclass
+class BoundEstimates:
+    """Per-datapoint bound estimates in nats (higher is better), one entry per datapoint."""
+
+    num_particles: int
+    elbo: torch.Tensor
+    elbo_se: torch.Tensor
+    log_lik: torch.Tensor  # E_q[log p(x | z)], the reconstruction term
+    log_px: torch.Tensor  # IWAE bound at K = num_particles
+    log_px_se: torch.Tensor
+    iwae: dict[int, torch.Tensor] = field(default_factory=dict)
+    iwae_se: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """The ELBO's KL term, KL(q(z|x) || p(z)) (with enumerated variables inside)."""
+        return self.log_lik - self.elbo
+
+    def summary(self) -> dict[str, Any]:
+        """Dataset means with two standard errors each: ``mc_se`` (the Monte Carlo error of
+        this estimate, for these images) and ``data_se`` (spread over images / sqrt(N))."""
+        n = self.elbo.numel()
+
+        def stats(values: torch.Tensor, se: torch.Tensor | None = None) -> dict[str, float]:
+            out = {"mean": values.mean().item()}
+            out["mc_se"] = None if se is None else _nan_to_none(se.pow(2).sum().sqrt().item() / n)
+            out["data_se"] = _nan_to_none(values.std().item() / math.sqrt(n)) if n > 1 else None
+            return out
+
+        return {
+            "num_images": n,
+            "num_particles": self.num_particles,
+            "elbo": stats(self.elbo, self.elbo_se),
+            "reconstruction": stats(self.log_lik),
+            "kl": stats(self.kl),
+            "log_px": stats(self.log_px, self.log_px_se),
+            "iwae": {str(k): stats(v, self.iwae_se[k]) for k, v in self.iwae.items()},
+        }
+
+
+def _nan_to_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def sweep_for(num_particles: int, ks: Sequence[int] | None = None) -> list[int]:
+    """The IWAE-k values reported for K particles: those with at least two disjoint groups,
+    and K itself (its error comes from the delta method)."""
+    ks = DEFAULT_SWEEP if ks is None else ks
+    return sorted({k for k in ks if 1 <= k <= num_particles // 2} | {num_particles})
+
+
+@torch.no_grad()
+def estimate_bounds(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    num_particles: int,
+    *,
+    ks: Sequence[int] | None = None,
+    batch_size: int = 100,
+    max_rows: int = 50_000,
+    progress: Callable[[int], None] | None = None,
+    **kwargs: Any,
+) -> BoundEstimates:
+    """ELBO, the IWAE-k sweep and log p(x) for every row of ``data``.
+
+    Work proceeds ``batch_size`` datapoints at a time, with particles in chunks so that at
+    most ``max_rows`` (datapoint, particle) pairs go through the networks at once: memory
+    is bounded whatever K is. ``progress`` is called with the number of datapoints done.
+    """
+    if num_particles < 1:
+        raise ValueError(f"the number of importance samples must be at least 1, got {num_particles}")
+    ks = sweep_for(num_particles, ks)
+    batch_size = max(1, min(batch_size, max_rows))
+    chunk = max(1, max_rows // batch_size)
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(value.cpu())
+
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start : start + batch_size]
+        lw, ll = [], []
+        for k0 in range(0, num_particles, chunk):
+            w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), **kwargs)
+            lw.append(w)
+            ll.append(lik)
+        log_w = torch.cat(lw)
+        keep("elbo", log_w.mean(0))
+        keep("elbo_se", log_w.std(0) / math.sqrt(num_particles) if num_particles > 1
+             else torch.full_like(log_w[0], float("nan")))
+        keep("log_lik", torch.cat(ll).mean(0))
+        keep("log_px", torch.logsumexp(log_w, 0) - math.log(num_particles))
+        log_px_se = _log_mean_exp_se(log_w)
+        keep("log_px_se", log_px_se)
+        for k in ks:
+            mean, se = _iwae_groups(log_w, k)
+            if k == num_particles:
+                se = log_px_se
+            keep(f"iwae{k}", mean)
+            keep(f"iwae_se{k}", se)
+        if progress is not None:
+            progress(x.shape[0])
+
+    cat = {name: torch.cat(v) for name, v in parts.items()}
+    return BoundEstimates(
+        num_particles=num_particles,
+        elbo=cat["elbo"],
+        elbo_se=cat["elbo_se"],
+        log_lik=cat["log_lik"],
+        log_px=cat["log_px"],
+        log_px_se=cat["log_px_se"],
+        iwae={k: cat[f"iwae{k}"] for k in ks},
+        iwae_se={k: cat[f"iwae_se{k}"] for k in ks},
+    )

@@ -1,0 +1,312 @@
+"""The ``pyro-vae`` command line: a thin layer of click over the library.
+
+Each model family in the registry becomes a ``pyro-vae fit NAME`` command whose options
+are generated from its config dataclass and from ``TrainConfig``, so a new family needs no
+change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from click.core import ParameterSource
+
+from . import plots
+from .bounds import estimate_bounds
+from .data import BINARIZATIONS, load_dataset
+from .errors import ConfigError, PyroVAEError
+from .models import MODELS
+from .objectives import OBJECTIVES
+from .train import TrainConfig, fit as fit_model, load_run, resolve_device, resume as resume_run
+
+RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "quiet")
+CHOICES = {"binarize": BINARIZATIONS, "objective": tuple(OBJECTIVES)}
+
+
+class Group(click.Group):
+    """A click group that prints library errors as one line and exits with status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PyroVAEError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _tuple_of_ints(value: Any) -> tuple[int, ...]:
+    if isinstance(value, tuple):
+        return value
+    try:
+        sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 200,200, got {value!r}")
+    if any(s < 1 for s in sizes):
+        raise click.BadParameter("layer sizes must be positive")
+    return sizes
+
+
+def _options_from_dataclass(cls: type) -> list[click.Option]:
+    """One ``--field-name`` option per dataclass field, typed from its annotation."""
+    hints = typing.get_type_hints(cls)
+    options = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args and typing.get_origin(hint) is not tuple else hint
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in CHOICES:
+            kind: Any = click.Choice(CHOICES[f.name])
+        elif typing.get_origin(hint) is tuple:
+            kind = click.STRING
+        else:
+            kind = {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        options.append(click.Option([flag, f.name], type=kind, default=shown,
+                                    show_default=default is not None, help=_FIELD_HELP.get(f.name)))
+    return options
+
+
+_FIELD_HELP = {
+    "dataset": "mnist, binarized-mnist, or a .npy/.npz file of shape (N, H, W) or (N, D) in [0, 1]",
+    "binarize": "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data already 0/1 "
+                "(default: dynamic for mnist, none otherwise)",
+    "valid_fraction": "share of an array dataset held out for validation",
+    "lr_decay": "multiply the learning rate by this after every epoch",
+    "objective": "ELBO flavour (default: the model's own)",
+    "particles": "samples per datapoint in the objective",
+    "beta": "weight of the KL term",
+    "kl_warmup": "epochs of linear KL warm-up from 0 to beta",
+    "grad_clip": "clip the global gradient norm to this",
+    "eval_size": "train and validation images scored after each epoch",
+    "z_dim": "latent dimensions",
+    "hidden": "hidden layer sizes, comma separated",
+    "activation": "tanh, relu, elu, softplus or gelu",
+}
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="pyro_vae")
+def main() -> None:
+    """Variational autoencoders as Pyro model/guide pairs: fit, evaluate, sample."""
+
+
+@main.group(cls=Group)
+def fit() -> None:
+    """Train a model family (see each one's --help)."""
+
+
+def _make_fit_command(name: str, cls: type) -> click.Command:
+    def callback(**opts: Any) -> None:
+        ctx = click.get_current_context()
+        log = None if opts["quiet"] else click.echo
+        if opts["resume"]:
+            if opts["run_dir"] is None:
+                raise ConfigError("--resume needs the --run-dir of the run to continue")
+            given = [k for k in opts if k not in RUNTIME_OPTIONS + ("epochs",)
+                     and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+            if given:
+                raise ConfigError(
+                    "a resumed run keeps its saved config; only --epochs may change, not "
+                    + ", ".join("--" + g.replace("_", "-") for g in given))
+            saved = json.loads((Path(opts["run_dir"]) / "config.json").read_text()).get("model") \
+                if (Path(opts["run_dir"]) / "config.json").is_file() else name
+            if saved != name:
+                raise ConfigError(f"{opts['run_dir']} is a {saved} run, not {name}")
+            epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
+            run = resume_run(opts["run_dir"], epochs=epochs, data_dir=opts["data_dir"],
+                             device=opts["device"], download=opts["download"], log=log,
+                             progress=not opts["quiet"])
+        else:
+            model_fields = {f.name for f in dataclasses.fields(cls.Config)}
+            hints = typing.get_type_hints(cls.Config)
+            model_config = {k: (_tuple_of_ints(opts[k]) if typing.get_origin(hints[k]) is tuple else opts[k])
+                            for k in model_fields}
+            train = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
+            run = fit_model(name, model_config, train, opts["run_dir"], data_dir=opts["data_dir"],
+                            device=opts["device"], download=opts["download"], log=log,
+                            progress=not opts["quiet"])
+        final = run.history[-1]
+        click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
+                   f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
+
+    params = _options_from_dataclass(cls.Config) + _options_from_dataclass(TrainConfig) + [
+        click.Option(["--run-dir"], type=click.Path(file_okay=False),
+                     help="where the run goes (default: runs/NAME-DATE-TIME); never overwritten"),
+        click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
+        *_runtime_options(),
+        click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
+    ]
+    doc = (cls.__doc__ or "").strip().splitlines()[0]
+    return click.Command(name, callback=callback, params=params,
+                         help=f"{doc} Trained by default with the {cls.default_objective} objective.")
+
+
+def _runtime_options() -> list[click.Option]:
+    return [
+        click.Option(["--data-dir"], type=click.Path(file_okay=False),
+                     help="dataset folder (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)"),
+        click.Option(["--device"], default="auto", show_default=True, help="cpu, cuda or auto"),
+        click.Option(["--download/--no-download"], default=True, show_default=True,
+                     help="download missing datasets"),
+    ]
+
+
+for _name, _cls in MODELS.items():
+    fit.add_command(_make_fit_command(_name, _cls))
+
+
+def _with_runtime(f: Any) -> Any:
+    for option in reversed(_runtime_options()):
+        click.decorators._param_memo(f, option)
+    return f
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--iw", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="importance samples per image (K)")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--limit", type=click.IntRange(min=1), help="score a random subset of this many images")
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-rows", default=50_000, show_default=True, type=click.IntRange(min=1),
+              help="(image, sample) pairs through the networks at once: bounds memory")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK.json)")
+@_with_runtime
+def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
+             max_rows: int, seed: int, output: str | None, data_dir: str | None, device: str,
+             download: bool) -> None:
+    """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
+    run = load_run(run_dir, checkpoint, device)
+    dev = next(run.model.parameters()).device
+    data = load_dataset(run.train.dataset, data_dir, run.train.binarize, run.train.valid_fraction,
+                        download, run.train.seed)
+    x = data.eval_data(split)
+    index = torch.arange(x.shape[0])
+    if limit is not None and limit < x.shape[0]:
+        index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+    x = x[index].to(dev)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with click.progressbar(length=x.shape[0], label=f"log p(x), K={iw}", file=sys.stderr) as bar:
+        est = estimate_bounds(run.model.model, run.model.guide, x, iw, batch_size=batch_size,
+                              max_rows=max_rows, progress=bar.update)
+    seconds = time.perf_counter() - start
+    summary = {"run": str(run.dir.path), "model": run.model_name, "checkpoint": checkpoint,
+               "split": split, "seed": seed, "seconds": seconds, "device": str(dev),
+               **est.summary()}
+    name = f"eval-{split}-iw{iw}" + (f"-n{len(index)}" if limit else "")
+    out = Path(output) if output else run.dir.path / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
+                        log_px=est.log_px.numpy(), log_px_se=est.log_px_se.numpy(),
+                        reconstruction=est.log_lik.numpy())
+    click.echo(format_summary(summary))
+    click.echo(f"wrote {out} and per-image estimates in {out.with_suffix('.npz')}")
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The evaluation summary as a readable table (nats per image, higher is better)."""
+    def fmt(v: float | None, width: int = 10, digits: int = 3) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+    lines = [f"{s['run']} ({s['model']}, {s['checkpoint']} checkpoint): {s['split']} split, "
+             f"{s['num_images']} images, K={s['num_particles']}, {s['seconds']:.1f} s",
+             f"{'nats per image':<18}{'mean':>10}{'MC s.e.':>10}{'data s.e.':>10}"]
+    rows = [("ELBO", s["elbo"]), ("  reconstruction", s["reconstruction"]), ("  KL", s["kl"])]
+    rows += [(f"IWAE-{k}", v) for k, v in s["iwae"].items()]
+    rows += [("log p(x) estimate", s["log_px"])]
+    for label, st in rows:
+        lines.append(f"{label:<18}{fmt(st['mean'], digits=2)}{fmt(st['mc_se'])}{fmt(st['data_se'])}")
+    lines.append(f"{'NLL':<18}{fmt(-s['log_px']['mean'], digits=2)}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-n", "--num", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--binary", is_flag=True, help="draw 0/1 pixels instead of showing probabilities")
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/samples.png)")
+@click.option("--device", default="auto", show_default=True)
+def sample(run_dir: str, num: int, binary: bool, checkpoint: str, seed: int, output: str | None,
+           device: str) -> None:
+    """Draw images from a trained model: a PNG grid and the raw array (.npy)."""
+    run = load_run(run_dir, checkpoint, device)
+    torch.manual_seed(seed)
+    images = run.model.sample(num, binary=binary).cpu()
+    out = Path(output) if output else run.dir.path / "samples.png"
+    np.save(out.with_suffix(".npy"), images.numpy())
+    shape = run.data_info.get("image_shape")
+    if shape:
+        plots.image_grid(images, shape, out, title=f"{num} samples")
+        click.echo(f"wrote {out} and {out.with_suffix('.npy')}")
+    else:
+        click.echo(f"wrote {out.with_suffix('.npy')} (the data has no image shape to plot)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-n", "--num", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/reconstructions.png)")
+@_with_runtime
+def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, output: str | None,
+                data_dir: str | None, device: str, download: bool) -> None:
+    """Show random images of a split beside their reconstructions."""
+    run = load_run(run_dir, checkpoint, device)
+    if not run.data_info.get("image_shape"):
+        raise ConfigError("this run's data has no image shape, so there is nothing to draw")
+    data = load_dataset(run.train.dataset, data_dir, run.train.binarize, run.train.valid_fraction,
+                        download, run.train.seed)
+    x = data.eval_data(split)
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:num]]
+    x = x.to(next(run.model.parameters()).device)
+    out = Path(output) if output else run.dir.path / "reconstructions.png"
+    plots.reconstructions(x, run.model.reconstruct(x), run.data_info["image_shape"], out)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+def plot(run_dir: str, checkpoint: str) -> None:
+    """Redraw a run's figures: bound curves, and the latent manifold for a 2-D latent space."""
+    run = load_run(run_dir, checkpoint, "cpu")
+    if not run.history:
+        raise ConfigError(f"{run_dir} has no metrics yet")
+    written = [plots.bound_curves(run.history, run.dir.figures / "curves.png", title=run.dir.path.name)]
+    shape = run.data_info.get("image_shape")
+    if shape and getattr(run.model.config, "z_dim", None) == 2:
+        written.append(plots.latent_manifold(run.model, shape, run.dir.figures / "manifold.png"))
+    click.echo("wrote " + ", ".join(map(str, written)))
+
+
+@main.command()
+@click.argument("dataset", type=click.Choice(["mnist", "binarized-mnist"]))
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="where to put it (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")
+def download(dataset: str, data_dir: str | None) -> None:
+    """Fetch a dataset now, for use offline later."""
+    data = load_dataset(dataset, data_dir, download=True)
+    sizes = ", ".join(f"{k} {v.shape[0]}" for k, v in data.splits.items())
+    click.echo(f"{dataset} ready ({sizes})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Datasets as in-memory tensors, binarization, and batching.
+
+Every dataset is held as float tensors of shape (N, D) with values in [0, 1]; images are
+flattened and their (H, W) kept for plots. Binarization is done in bulk on whole tensors:
+
+- ``dynamic``: a fresh Bernoulli draw of the grey levels for each training epoch, and one
+  fixed-seed draw for evaluation (so every model is scored on the same binary images);
+- ``threshold``: pixel > 0.5;
+- ``none``: the data must already be 0/1 (statically binarized MNIST, user binary data).
+
+Sources: ``mnist`` (torchvision layout, first 50k train / last 10k validation / t10k test),
+``binarized-mnist`` (Larochelle & Murray's .amat files, 50k/10k/10k), or the path of a
+``.npy``/``.npz`` array of shape (N, H, W) or (N, D).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+BINARIZATIONS = ("dynamic", "threshold", "none")
+EVAL_BINARIZATION_SEED = 20140101  # fixed: every run sees the same binary test images
+AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
+AMAT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
+
+
+@dataclass
+class Dataset:
+    """Train/valid/test splits as float tensors in [0, 1], with their binarization mode."""
+
+    name: str
+    splits: dict[str, torch.Tensor]
+    binarize: str
+    image_shape: tuple[int, ...] | None = None
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def x_dim(self) -> int:
+        return self.splits["train"].shape[1]
+
+    def split(self, name: str) -> torch.Tensor:
+        """The grey-level (unbinarized) tensor of one split."""
+        if name not in self.splits:
+            raise DataError(
+                f"dataset {self.name!r} has no {name!r} split; it has {', '.join(self.splits)}"
+            )
+        return self.splits[name]
+
+    def eval_data(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One split binarized once with a fixed seed: the data every evaluation scores."""
+        x = self.split(name)
+        if self.binarize == "dynamic":
+            gen = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED + _SPLIT_IDS[name])
+            x = torch.bernoulli(x, generator=gen)
+        elif self.binarize == "threshold":
+            x = (x > 0.5).float()
+        return x.to(device)
+
+    def train_batches(
+        self, batch_size: int, epoch: int, seed: int, device: torch.device | str = "cpu",
+        start: int = 0,
+    ) -> Iterator[torch.Tensor]:
+        """Shuffled training batches of one epoch, from batch index ``start`` on.
+
+        Order and binarization depend only on (seed, epoch), so a run resumed mid-epoch
+        sees exactly the batches it would have seen."""
+        x = self.splits["train"]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(x.shape[0], generator=gen)
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x, generator=gen)
+        elif self.binarize == "threshold":
+            x = (x > 0.5).float()
+        x = x[perm].to(device)
+        for i in range(start * batch_size, x.shape[0], batch_size):
+            yield x[i : i + batch_size]
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.splits["train"].shape[0] // batch_size)
+
+
+_SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
+
+
+def default_data_dir() -> Path:
+    """``$PYRO_VAE_DATA`` if set, else ``~/.cache/pyro_vae``."""
+    env = os.environ.get("PYRO_VAE_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "pyro_vae"
+
+
+def load_dataset(
+    source: str,
+    data_dir: str | Path | None = None,
+    binarize: str | None = None,
+    valid_fraction: float = 0.1,
+    download: bool = True,
+    seed: int = 0,
+) -> Dataset:
+    """Load a named dataset or a ``.npy``/``.npz`` file (see the module docstring).
+
+    ``binarize=None`` picks the source's default: dynamic for MNIST, none otherwise.
+    """
+    if binarize is not None and binarize not in BINARIZATIONS:
+        raise DataError(f"unknown binarization {binarize!r}; choose one of {', '.join(BINARIZATIONS)}")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if source == "mnist":
+        ds = _load_mnist(root, download)
+        ds.binarize = binarize or "dynamic"
+    elif source == "binarized-mnist":
+        ds = _load_binarized_mnist(root, download)
+        ds.binarize = binarize or "none"
+    elif source.endswith((".npy", ".npz")):
+        ds = _load_array(Path(source), valid_fraction, seed)
+        ds.binarize = binarize or "none"
+    else:
+        raise DataError(
+            f"unknown dataset {source!r}; use mnist, binarized-mnist, or the path of a .npy/.npz file"
+        )
+    if ds.binarize == "none":
+        for name, x in ds.splits.items():
+            if not bool(((x == 0) | (x == 1)).all()):
+                raise DataError(
+                    f"the {name} split of {ds.name} is not binary (values strictly between 0 and 1) "
+                    "but the decoder is Bernoulli; pass --binarize dynamic (a Bernoulli draw per "
+                    "epoch) or --binarize threshold (pixel > 0.5)"
+                )
+    return ds
+
+
+def _check_range(x: np.ndarray, what: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{what} has dtype {x.dtype}; expected real numbers in [0, 1] or uint8")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{what} contains NaN or infinite values")
+    lo, hi = float(x.min(initial=0)), float(x.max(initial=0))
+    if lo < 0 or hi > 1:
+        raise DataError(
+            f"{what} has values in [{lo:g}, {hi:g}] but must lie in [0, 1] "
+            "(rescale it, e.g. divide 0-255 grey levels by 255)"
+        )
+    return x
+
+
+def _flatten(x: np.ndarray, what: str) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    if x.ndim == 3:
+        return x.reshape(x.shape[0], -1), tuple(x.shape[1:])
+    if x.ndim == 2:
+        side = int(round(x.shape[1] ** 0.5))
+        return x, (side, side) if side * side == x.shape[1] else None
+    raise DataError(f"{what} has shape {x.shape}; expected (N, H, W) images or (N, D) vectors")
+
+
+def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"no such data file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError... for bad files
+        raise DataError(f"cannot read {path} as a numpy array ({e})") from None
+    if isinstance(loaded, np.ndarray):
+        arrays = {"all": loaded}
+    else:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    if "train" not in arrays and len(arrays) == 1:
+        arrays = {"all": next(iter(arrays.values()))}
+    splits: dict[str, np.ndarray] = {}
+    shape = None
+    for key in ("all", "train", "valid", "test"):
+        if key in arrays:
+            x, shape_k = _flatten(_check_range(arrays[key], f"{path.name}[{key}]"), f"{path.name}[{key}]")
+            splits[key] = x
+            shape = shape or shape_k
+    if not splits:
+        raise DataError(
+            f"{path} holds arrays {', '.join(arrays)}; an .npz needs 'train' (and optionally "
+            "'valid', 'test'), or a single array"
+        )
+    dims = {x.shape[1] for x in splits.values()}
+    if len(dims) > 1:
+        raise DataError(f"the arrays in {path} have different sizes per item: {sorted(dims)}")
+    if "all" in splits:
+        splits["train"] = splits.pop("all")
+    if "valid" not in splits:
+        x = splits["train"]
+        if not 0 < valid_fraction < 1:
+            raise DataError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
+        n_valid = max(1, int(round(valid_fraction * x.shape[0])))
+        if x.shape[0] - n_valid < 1:
+            raise DataError(f"{path} has {x.shape[0]} items: too few to hold out a validation split")
+        perm = np.random.default_rng(seed).permutation(x.shape[0])
+        splits["valid"], splits["train"] = x[perm[:n_valid]], x[perm[n_valid:]]
+    return Dataset(
+        name=path.name,
+        splits={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in splits.items()},
+        binarize="none",
+        image_shape=shape,
+    )
+
+
+def _missing(what: str, where: Path, why: str, how: str) -> DataError:
+    return DataError(
+        f"{what} is not in {where} and could not be downloaded ({why}). {how} "
+        "Or point --data-dir (or PYRO_VAE_DATA) at a folder that holds it."
+    )
+
+
+def _load_mnist(root: Path, download: bool) -> Dataset:
+    from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
+
+    raw = root / "MNIST" / "raw"
+    try:
+        train = MNIST(str(root), train=True, download=download)
+        test = MNIST(str(root), train=False, download=download)
+    except Exception as e:  # offline downloads raise URLError, RuntimeError, ...
+        raise _missing(
+            "MNIST", raw, str(e).splitlines()[0] if str(e) else type(e).__name__,
+            "On a machine with internet run `pyro-vae download mnist --data-dir DIR` and copy "
+            "DIR/MNIST/raw here (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte).",
+        ) from None
+    x_train = train.data.reshape(-1, 784).float() / 255.0
+    x_test = test.data.reshape(-1, 784).float() / 255.0
+    return Dataset(
+        name="mnist",
+        splits={"train": x_train[:50_000], "valid": x_train[50_000:], "test": x_test},
+        labels={"train": train.targets[:50_000], "valid": train.targets[50_000:], "test": test.targets},
+        binarize="dynamic",
+        image_shape=(28, 28),
+    )
+
+
+def _read_amat(path: Path, expected: int) -> np.ndarray:
+    raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    lines = int((raw == ord("\n")).sum())
+    bits = raw[(raw == ord("0")) | (raw == ord("1"))] - ord("0")
+    if lines != expected or bits.size != expected * 784:
+        raise DataError(
+            f"{path} looks truncated or corrupt: {lines} lines and {bits.size} values, expected "
+            f"{expected} lines of 784; delete it and download it again"
+        )
+    return bits.reshape(expected, 784).astype(np.float32)
+
+
+def _load_binarized_mnist(root: Path, download: bool) -> Dataset:
+    folder = root / "binarized_mnist"
+    splits = {}
+    for split, size in AMAT_SIZES.items():
+        path = folder / f"binarized_mnist_{split}.amat"
+        if not path.is_file():
+            if not download:
+                raise _missing("statically binarized MNIST", folder, "downloads are off",
+                               f"Get binarized_mnist_{{train,valid,test}}.amat from {AMAT_URL.format('SPLIT')}.")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".part")
+                urllib.request.urlretrieve(AMAT_URL.format(split), tmp)
+                os.replace(tmp, path)
+            except Exception as e:
+                raise _missing("statically binarized MNIST", folder, str(e),
+                               f"Get binarized_mnist_{{train,valid,test}}.amat from {AMAT_URL.format('SPLIT')}.") from None
+        splits[split] = torch.from_numpy(_read_amat(path, size))
+    return Dataset(name="binarized-mnist", splits=splits, binarize="none", image_shape=(28, 28))

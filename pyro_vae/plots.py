@@ -1,0 +1,89 @@
+"""Matplotlib figures: bound curves, image grids, reconstructions, the 2-D latent manifold.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend),
+so plotting works headless and inside other programs' sessions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:
+    """Tile flat images (n, H*W) into one (rows*(H+1)-1, ncol*(W+1)-1) array, 1-pixel gaps."""
+    imgs = np.asarray(images.detach().cpu() if torch.is_tensor(images) else images, dtype=np.float32)
+    h, w = image_shape
+    imgs = imgs.reshape(-1, h, w)
+    nrow = math.ceil(len(imgs) / ncol)
+    out = np.ones((nrow * (h + 1) - 1, ncol * (w + 1) - 1), dtype=np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, ncol)
+        out[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+    return out
+
+
+def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
+               title: str = "", ncol: int | None = None) -> Path:
+    """Save images (n, H*W) with values in [0, 1] as one grey-level grid."""
+    ncol = ncol or math.ceil(math.sqrt(len(images)))
+    grid = mosaic(images, image_shape, ncol)
+    fig = Figure(figsize=(grid.shape[1] / 40 + 0.5, grid.shape[0] / 40 + 0.7))
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Train and validation bound per epoch, in nats per image."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row["train_bound"] for row in history], label="train (fixed subset)")
+    ax.plot(epochs, [row["valid_bound"] for row in history], label="validation")
+    ax.plot(epochs, [-row["train_loss"] for row in history], ":", label="training objective")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bound on log p(x) (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def reconstructions(x: torch.Tensor, recon: torch.Tensor, image_shape: Sequence[int],
+                    path: Path, ncol: int = 10) -> Path:
+    """Originals and their reconstructions in alternating rows."""
+    rows = []
+    for i in range(0, len(x), ncol):
+        rows += [x[i : i + ncol], recon[i : i + ncol]]
+    return image_grid(torch.cat(rows), image_shape, path,
+                      title="data (odd rows) and reconstructions (even rows)", ncol=ncol)
+
+
+@torch.no_grad()
+def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int = 20) -> Path:
+    """Decode a 2-D latent grid placed at Gaussian quantiles (inverse CDF of evenly spaced
+    probabilities), so that each cell covers equal prior mass."""
+    p = torch.linspace(0.5 / n, 1 - 0.5 / n, n)
+    q = torch.distributions.Normal(0.0, 1.0).icdf(p)
+    zy, zx = torch.meshgrid(q.flip(0), q, indexing="ij")
+    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
+    device = next(model.parameters()).device
+    images = model.decode(z.to(device))
+    return image_grid(images, image_shape, path, title="latent manifold (Gaussian quantile grid)", ncol=n)

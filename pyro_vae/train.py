@@ -1,0 +1,349 @@
+"""The training loop: SVI over a named ELBO flavour, with checkpoints, metrics and figures.
+
+``fit`` is the one place where training happens; the CLI is a thin layer over it. The loss
+is Pyro's ``differentiable_loss`` and the step a plain torch optimizer step, so learning
+rate schedules and gradient clipping are the torch ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import pyro
+import torch
+
+from . import plots
+from .data import BINARIZATIONS, Dataset, load_dataset
+from .errors import ConfigError, RunError, TrainingDiverged
+from .models import build_model, config_from_dict, model_class
+from .objectives import OBJECTIVES, make_objective
+from .runs import RunDir, load_model_state
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. The model's shape lives in its own config (e.g. ``VAEConfig``)."""
+
+    dataset: str = "mnist"
+    binarize: str | None = None  # None: the dataset's default (dynamic for MNIST)
+    valid_fraction: float = 0.1  # held out of an array dataset that has no validation split
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
+    objective: str | None = None  # None: the model's default ELBO flavour
+    particles: int = 1
+    beta: float = 1.0  # weight of the KL term (beta-VAE)
+    kl_warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
+    grad_clip: float | None = None  # max global gradient norm
+    seed: int = 0
+    eval_size: int = 10_000  # images of train and of validation scored after each epoch
+
+    def check(self) -> None:
+        """Reject values that cannot work, with the option's name in the message."""
+        rules = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
+            (self.particles >= 1, "--particles must be at least 1"),
+            (self.beta >= 0, "--beta must be non-negative"),
+            (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
+            (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
+            (self.eval_size >= 1, "--eval-size must be at least 1"),
+            (self.binarize is None or self.binarize in BINARIZATIONS,
+             f"--binarize must be one of {', '.join(BINARIZATIONS)}"),
+            (self.objective is None or self.objective in OBJECTIVES,
+             f"--objective must be one of {', '.join(OBJECTIVES)}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Run:
+    """A trained (or training) model with its run directory and history."""
+
+    dir: RunDir
+    model_name: str
+    model: Any
+    train: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with its own seeded RNG, leaving the training RNG stream untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int = 1000) -> float:
+    """Minus the objective at KL weight 1 on ``x``, in nats per image."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        total += objective.loss(model.model, model.guide, x[i : i + batch_size])
+    return -total / x.shape[0]
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _train_config(values: dict[str, Any]) -> TrainConfig:
+    return config_from_dict(TrainConfig, values)
+
+
+def fit(
+    model_name: str,
+    model_config: dict[str, Any] | Any = None,
+    train: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    download: bool = True,
+    log: Log | None = None,
+    progress: bool = False,
+) -> Run:
+    """Train a new model of family ``model_name`` and save everything into ``run_dir``.
+
+    ``model_config`` is the family's config dataclass or a dict of its fields; ``train``
+    the ``TrainConfig``. ``log`` receives one line per epoch; ``progress`` shows a bar.
+    """
+    cls = model_class(model_name)
+    if dataclasses.is_dataclass(model_config):
+        model_config = dataclasses.asdict(model_config)
+    model_config = dataclasses.asdict(config_from_dict(cls.Config, model_config or {}))
+    train = train or TrainConfig()
+    train.check()
+    if train.objective is None:
+        train = dataclasses.replace(train, objective=cls.default_objective)
+    run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        RunDir.create(run_dir, {})  # raises the "already exists" error
+    dev = resolve_device(device)
+    dataset = train.dataset
+    if dataset.endswith((".npy", ".npz")):
+        dataset = str(Path(dataset).resolve())
+        train = dataclasses.replace(train, dataset=dataset)
+    data = load_dataset(dataset, data_dir, train.binarize, train.valid_fraction, download, train.seed)
+    model = build_model(model_name, data.x_dim, model_config)  # fails early on a bad config
+    config = {
+        "model": model_name,
+        "model_config": model_config,
+        "train": dataclasses.asdict(train),
+        "data": {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
+                 "image_shape": list(data.image_shape) if data.image_shape else None},
+    }
+    run = RunDir.create(run_dir, config)
+    return _train(run, config, model, data, dev, None, log, progress)
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    download: bool = True,
+    log: Log | None = None,
+    progress: bool = False,
+) -> Run:
+    """Continue a run from its last checkpoint, exactly as if it had not stopped;
+    ``epochs`` may raise the number of epochs to train for."""
+    run = RunDir.open(run_dir)
+    config = run.config()
+    train = _train_config(config["train"])
+    if epochs is not None:
+        train = dataclasses.replace(train, epochs=epochs)
+        train.check()
+        config["train"]["epochs"] = epochs
+    dev = resolve_device(device)
+    state = run.load_checkpoint(map_location=dev)
+    data = load_dataset(train.dataset, data_dir, train.binarize, train.valid_fraction, download, train.seed)
+    model = build_model(config["model"], data.x_dim, config["model_config"])
+    if state["epoch"] >= train.epochs:
+        raise RunError(
+            f"{run.path} already finished its {train.epochs} epochs; pass --epochs N with "
+            f"N > {state['epoch']} to train longer"
+        )
+    run.write_json("config.json", config)
+    return _train(run, config, model, data, dev, state, log, progress)
+
+
+def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, device: torch.device,
+           state: dict[str, Any] | None, log: Log | None, progress: bool) -> Run:
+    train = _train_config(config["train"])
+    log = log or (lambda message: None)
+    model.to(device)
+    objective = make_objective(train.objective, train.particles)
+    bound_objective = make_objective(train.objective, train.particles)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
+    steps_per_epoch = data.num_batches(train.batch_size)
+    warmup_steps = train.kl_warmup * steps_per_epoch
+    gen = torch.Generator().manual_seed(train.seed)
+    n_eval = min(train.eval_size, data.split("train").shape[0])
+    train_eval = data.eval_data("train")[torch.randperm(data.split("train").shape[0], generator=gen)[:n_eval]].to(device)
+    valid_eval = data.eval_data("valid")[: train.eval_size].to(device)
+    image_shape = tuple(config["data"]["image_shape"] or ()) or None
+
+    if state is None:
+        pyro.set_rng_seed(train.seed)
+        model.init_from_data(data.split("train").to(device))
+        epoch, batch, step, loss_sum, history = 0, 0, 0, 0.0, []
+        best = -math.inf
+        _sample_figure(model, run, image_shape, train.seed, device, 0)
+    else:
+        load_model_state(model, state["model"], run.path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], device)
+        epoch, batch, step, loss_sum = state["epoch"], state["batch"], state["step"], state["loss_sum"]
+        history = list(state["history"])
+        best = max((row["valid_bound"] for row in history), default=-math.inf)
+        log(f"resuming {run.path} at epoch {epoch + 1}" + (f", batch {batch + 1}" if batch else ""))
+
+    def checkpoint() -> None:
+        run.save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
+            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum,
+            "history": history,
+        })
+
+    try:
+        while epoch < train.epochs:
+            start_time = time.perf_counter()
+            model.train()
+            batches = data.train_batches(train.batch_size, epoch, train.seed, device, start=batch)
+            bar = (click.progressbar(length=steps_per_epoch - batch, label=f"epoch {epoch + 1}/{train.epochs}",
+                                     file=sys.stderr) if progress else contextlib.nullcontext())
+            kl_weight = train.beta
+            with bar:
+                for x in batches:
+                    kl_weight = train.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+                    loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
+                    value = loss.item() / x.shape[0]
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; stopped. "
+                            f"The last good checkpoint (end of epoch {epoch}) is kept in {run.path}. "
+                            "Try a lower --lr or --grad-clip 10"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if train.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                    optimizer.step()
+                    loss_sum += value
+                    batch += 1
+                    step += 1
+                    if progress:
+                        bar.update(1)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            model.eval()
+            with fixed_rng(train.seed + 1, device):
+                row = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "train_loss": loss_sum / batch,
+                    "train_bound": objective_bound(bound_objective, model, train_eval),
+                    "valid_bound": objective_bound(bound_objective, model, valid_eval),
+                    "kl_weight": kl_weight,
+                    "lr": lr,
+                    "seconds": time.perf_counter() - start_time,
+                }
+            history.append(row)
+            epoch, batch, loss_sum = epoch + 1, 0, 0.0
+            run.write_metrics(history)
+            checkpoint()
+            if row["valid_bound"] > best:
+                best = row["valid_bound"]
+                run.save_checkpoint({"model": model.state_dict(), "epoch": epoch}, "best.pt")
+            log(f"epoch {epoch}/{train.epochs}  train {row['train_bound']:.2f}  "
+                f"valid {row['valid_bound']:.2f} nats/image  ({row['seconds']:.1f} s)")
+            plots.bound_curves(history, run.figures / "curves.png", title=run.path.name)
+            if epoch == train.epochs // 2 or epoch == train.epochs:
+                _sample_figure(model, run, image_shape, train.seed, device, epoch)
+    except KeyboardInterrupt:
+        del history[epoch:]  # an epoch whose row was appended but not yet counted
+        checkpoint()
+        raise RunError(
+            f"interrupted at epoch {epoch + 1}, batch {batch}; the state is saved: continue with "
+            f"`pyro-vae fit {config['model']} --run-dir {run.path} --resume`"
+        ) from None
+    if image_shape is not None:
+        x = valid_eval[:50]
+        plots.reconstructions(x, model.reconstruct(x), image_shape, run.figures / "reconstructions.png")
+        if getattr(model.config, "z_dim", None) == 2:
+            plots.latent_manifold(model, image_shape, run.figures / "manifold.png")
+    return Run(run, config["model"], model, train, history, config["data"])
+
+
+def _sample_figure(model: Any, run: RunDir, image_shape: tuple[int, ...] | None, seed: int,
+                   device: torch.device, epoch: int) -> None:
+    """Samples from the same prior draws at each point of training, so grids compare."""
+    if image_shape is None:
+        return
+    model.eval()
+    with fixed_rng(seed, device):
+        images = model.sample(64)
+    label = "before training" if epoch == 0 else f"after epoch {epoch}"
+    plots.image_grid(images, image_shape, run.figures / f"samples-epoch{epoch:04d}.png",
+                     title=f"samples {label}")
+
+
+def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") -> Run:
+    """Rebuild a trained model from its run directory: ``checkpoint`` is ``last`` (the end
+    of the last finished epoch) or ``best`` (best validation bound)."""
+    run = RunDir.open(path)
+    config = run.config()
+    names = {"last": "checkpoint.pt", "best": "best.pt"}
+    if checkpoint not in names:
+        raise ConfigError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    dev = resolve_device(device)
+    state = run.load_checkpoint(names[checkpoint], map_location=dev)
+    model = build_model(config["model"], config["data"]["x_dim"], config["model_config"])
+    load_model_state(model, state["model"], run.path)
+    model.to(dev).eval()
+    history = run.metrics()
+    return Run(run, config["model"], model, _train_config(config["train"]), history, config["data"])

@@ -138,8 +138,10 @@ def load_dataset(
 def _check_range(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
+    if x.dtype == np.bool_:
+        return x.astype(np.float32)
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise DataError(f"{what} has dtype {x.dtype}; expected real numbers in [0, 1] or uint8")
+        raise DataError(f"{what} has dtype {x.dtype}; expected real numbers in [0, 1], bool or uint8")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{what} contains NaN or infinite values")

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +105,10 @@ class RunDir:
             )
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        except Exception as e:  # torch raises RuntimeError, OSError, UnpicklingError, ... here
             raise CheckpointError(
-                f"{path} is truncated or corrupt and cannot be read ({str(e).splitlines()[0]}); "
-                "delete it, or retrain"
+                f"{path} is truncated or corrupt, or holds more than tensors, and cannot be read "
+                f"({str(e).splitlines()[0]}); delete it, or retrain"
             ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(

@@ -58,7 +58,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
             (self.particles >= 1, "--particles must be at least 1"),
-            (self.beta >= 0, "--beta must be non-negative"),
+            (self.beta > 0, "--beta must be positive"),
             (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
             (self.eval_size >= 1, "--eval-size must be at least 1"),
@@ -164,7 +164,8 @@ def fit(
         dataset = str(Path(dataset).resolve())
         train = dataclasses.replace(train, dataset=dataset)
     data = load_dataset(dataset, data_dir, train.binarize, train.valid_fraction, download, train.seed)
-    model = build_model(model_name, data.x_dim, model_config)  # fails early on a bad config
+    pyro.set_rng_seed(train.seed)  # before the weights are initialised
+    model = build_model(model_name, data.x_dim, model_config)
     config = {
         "model": model_name,
         "model_config": model_config,
@@ -226,7 +227,6 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
-        pyro.set_rng_seed(train.seed)
         model.init_from_data(data.split("train").to(device))
         epoch, batch, step, loss_sum, history = 0, 0, 0, 0.0, []
         best = -math.inf
@@ -249,6 +249,7 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
             "history": history,
         })
 
+    checked = False
     try:
         while epoch < train.epochs:
             start_time = time.perf_counter()
@@ -259,8 +260,12 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
             kl_weight = train.beta
             with bar:
                 for x in batches:
-                    kl_weight = train.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
-                    loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
+                    kl_weight = train.beta * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+                    # Pyro's and torch's argument checks cost time on every step: they run
+                    # on the first step of a session only, to catch a malformed model early.
+                    with pyro.validation_enabled(checked is False):
+                        loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
+                    checked = True
                     value = loss.item() / x.shape[0]
                     if not math.isfinite(value):
                         raise TrainingDiverged(

@@ -1,0 +1,169 @@
+"""The command line: a fit -> evaluate -> sample round trip, and bad input handled cleanly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pyro_vae.cli import main
+
+FAST = ["--z-dim", "2", "--hidden", "16", "--epochs", "2", "--batch-size", "20",
+        "--eval-size", "50", "--device", "cpu", "-q"]
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+
+def assert_clean_error(result, *fragments):
+    """Non-zero exit, a one-line message naming the problem, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    message = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(message) == 1, result.output
+    for fragment in fragments:
+        assert fragment in message[0], message[0]
+
+
+@pytest.fixture
+def trained(tiny_npy, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", run, *FAST)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_fit_evaluate_sample_reconstruct_plot(trained, tmp_path):
+    result = invoke("evaluate", trained, "--iw", 20, "--split", "valid", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((trained / "eval-valid-iw20.json").read_text())
+    assert summary["num_images"] == 20 and summary["num_particles"] == 20
+    assert summary["elbo"]["mean"] <= summary["iwae"]["10"]["mean"] <= summary["log_px"]["mean"] + 1e-4
+    per_image = np.load(trained / "eval-valid-iw20.npz")
+    assert per_image["log_px"].shape == (20,)
+    assert np.isclose(per_image["log_px"].mean(), summary["log_px"]["mean"], atol=1e-4)
+    assert "log p(x) estimate" in result.output and "IWAE-10" in result.output
+
+    result = invoke("sample", trained, "-n", 9, "--output", tmp_path / "s.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").stat().st_size > 0 and np.load(tmp_path / "s.npy").shape == (9, 64)
+
+    result = invoke("reconstruct", trained, "--split", "valid", "-n", 5, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (trained / "reconstructions.png").is_file()
+
+    result = invoke("plot", trained)
+    assert result.exit_code == 0 and (trained / "figures" / "manifold.png").is_file()
+
+
+def test_evaluate_limit_draws_a_random_subset(trained):
+    result = invoke("evaluate", trained, "--iw", 4, "--split", "train", "--limit", 7, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    index = np.load(trained / "eval-train-iw4-n7.npz")["index"]
+    assert len(set(index.tolist())) == 7 and index.max() < 180
+    assert sorted(index.tolist()) != list(range(7))
+
+
+def test_resume_continues_a_run(trained):
+    result = invoke("fit", "vae", "--run-dir", trained, "--resume", "--epochs", 3, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_unknown_model_and_option(tiny_npy):
+    result = invoke("fit", "nosuchmodel")
+    assert result.exit_code == 2 and "nosuchmodel" in result.output
+    result = invoke("fit", "vae", "--no-such-option", 1)
+    assert result.exit_code == 2 and "--no-such-option" in result.output
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--activation", "swish", *FAST[:-3])
+    assert_clean_error(result, "activation", "tanh")
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--lr", "-1")
+    assert_clean_error(result, "--lr")
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--hidden", "20,x")
+    assert result.exit_code == 2 and "comma-separated" in result.output
+
+
+def test_grey_level_data_is_refused_with_the_binarize_hint(tmp_path):
+    path = tmp_path / "grey.npy"
+    np.save(path, np.random.default_rng(0).random((50, 4, 4)).astype(np.float32))
+    result = invoke("fit", "vae", "--dataset", path, "--run-dir", tmp_path / "r", *FAST)
+    assert_clean_error(result, "not binary", "--binarize")
+    assert not (tmp_path / "r").exists()  # nothing half-made
+    result = invoke("fit", "vae", "--dataset", path, "--binarize", "dynamic", "--run-dir", tmp_path / "r", *FAST)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("array, fragment", [
+    (np.full((10, 4, 4), 2.0, dtype=np.float32), "[0, 1]"),
+    (np.zeros((10, 2, 4, 4), dtype=np.float32), "shape"),
+    (np.array([[np.nan, 0.0]] * 10, dtype=np.float32), "NaN"),
+])
+def test_malformed_arrays(tmp_path, array, fragment):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    assert_clean_error(invoke("fit", "vae", "--dataset", path, *FAST), fragment)
+
+
+def test_unreadable_and_missing_data_files(tmp_path):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy at all")
+    assert_clean_error(invoke("fit", "vae", "--dataset", bad, *FAST), "cannot read")
+    assert_clean_error(invoke("fit", "vae", "--dataset", tmp_path / "nope.npy", *FAST), "no such data file")
+    assert_clean_error(invoke("fit", "vae", "--dataset", "cifar", *FAST), "unknown dataset")
+
+
+def test_offline_without_data_says_where_to_put_it(tmp_path):
+    result = invoke("fit", "vae", "--dataset", "mnist", "--data-dir", tmp_path / "empty", "--no-download", *FAST)
+    assert_clean_error(result, "MNIST", "--data-dir")
+    result = invoke("fit", "vae", "--dataset", "binarized-mnist", "--data-dir", tmp_path / "empty",
+                    "--no-download", *FAST)
+    assert_clean_error(result, "binarized", ".amat")
+
+
+def test_iw_must_be_positive(trained):
+    result = invoke("evaluate", trained, "--iw", 0)
+    assert result.exit_code == 2 and "--iw" in result.output
+
+
+def test_existing_run_dir_is_never_overwritten(trained, tiny_npy):
+    before = (trained / "checkpoint.pt").read_bytes()
+    assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", trained, *FAST),
+                       "already exists", "--resume")
+    assert (trained / "checkpoint.pt").read_bytes() == before
+
+
+def test_missing_truncated_and_incompatible_checkpoints(trained, tmp_path):
+    assert_clean_error(invoke("evaluate", tmp_path / "nowhere"), "not a run directory")
+
+    data = (trained / "checkpoint.pt").read_bytes()
+    (trained / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert_clean_error(invoke("evaluate", trained, "--iw", 2), "truncated or corrupt")
+    assert_clean_error(invoke("fit", "vae", "--run-dir", trained, "--resume", "-q"), "truncated or corrupt")
+
+    (trained / "checkpoint.pt").unlink()
+    assert_clean_error(invoke("sample", trained), "no checkpoint")
+
+    config = json.loads((trained / "config.json").read_text())
+    config["model_config"]["z_dim"] = 5
+    (trained / "config.json").write_text(json.dumps(config))
+    assert_clean_error(invoke("evaluate", trained, "--checkpoint", "best", "--iw", 2), "does not match")
+
+
+def test_checkpoints_load_without_running_code(trained):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": 1, "model": Evil()}, trained / "checkpoint.pt")
+    result = invoke("evaluate", trained, "--iw", 2)
+    assert_clean_error(result, "cannot be read")
+    assert "pwned" not in result.output
+
+
+def test_resume_refuses_changed_options(trained):
+    result = invoke("fit", "vae", "--run-dir", trained, "--resume", "--lr", "0.1", "-q")
+    assert_clean_error(result, "--lr")
+    assert_clean_error(invoke("fit", "vae", "--resume", "-q"), "--run-dir")

@@ -1,0 +1,114 @@
+"""Training loop behaviour on tiny data: learning, exact resume, divergence, interruption."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pyro_vae import TrainConfig, VAE, VAEConfig, fit, load_run, resume
+from pyro_vae.data import Dataset
+from pyro_vae.errors import RunError, TrainingDiverged
+
+SMALL = {"z_dim": 2, "hidden": (16,)}
+
+
+def config(path, **kw):
+    base = dict(dataset=str(path), epochs=4, batch_size=20, lr=3e-3, eval_size=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_vae_methods_have_the_right_shapes():
+    vae = VAE(64, VAEConfig(z_dim=3, hidden=(10, 6)))
+    x = torch.bernoulli(torch.full((5, 64), 0.5))
+    assert vae.sample(7).shape == (7, 64)
+    assert set(vae.sample(4, binary=True).unique().tolist()) <= {0.0, 1.0}
+    loc, scale = vae.encode(x)
+    assert loc.shape == scale.shape == (5, 3) and (scale > 0).all()
+    r = vae.reconstruct(x)
+    assert r.shape == (5, 64) and ((r >= 0) & (r <= 1)).all()
+
+
+def test_training_improves_the_bound(tiny_npy, tmp_path):
+    run = fit("vae", SMALL, config(tiny_npy, epochs=6), tmp_path / "run", device="cpu")
+    bounds = [row["valid_bound"] for row in run.history]
+    assert len(bounds) == 6 and all(math.isfinite(b) for b in bounds)
+    assert bounds[-1] > bounds[0] + 2.0, bounds
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    figures = {p.name for p in (tmp_path / "run" / "figures").iterdir()}
+    assert {"curves.png", "samples-epoch0000.png", "samples-epoch0003.png", "samples-epoch0006.png",
+            "reconstructions.png", "manifold.png"} <= figures
+
+
+def test_kl_warmup_and_beta_scale_the_objective(tiny_npy, tmp_path):
+    run = fit("vae", SMALL, config(tiny_npy, epochs=2, kl_warmup=2.0, beta=0.5), tmp_path / "r", device="cpu")
+    weights = [row["kl_weight"] for row in run.history]
+    assert 0 < weights[0] < weights[1] <= 0.5
+
+
+def test_resume_after_a_finished_stage_matches_an_uninterrupted_run(tiny_npy, tmp_path):
+    full = fit("vae", SMALL, config(tiny_npy, epochs=4), tmp_path / "full", device="cpu")
+    fit("vae", SMALL, config(tiny_npy, epochs=2), tmp_path / "part", device="cpu")
+    resumed = resume(tmp_path / "part", epochs=4, device="cpu")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(resumed.history) == strip(full.history)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monkeypatch):
+    full = fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "full", device="cpu")
+    original = Dataset.train_batches
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 12:  # epoch 2 (9 batches an epoch), 3 batches in
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    with pytest.raises(RunError, match="--resume"):
+        fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "cut", device="cpu")
+    monkeypatch.setattr(Dataset, "train_batches", original)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    resumed = resume(tmp_path / "cut", device="cpu")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(resumed.history) == strip(full.history)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_npy, tmp_path):
+    def poison(line):
+        if line.startswith("epoch 2/"):
+            with torch.no_grad():
+                for p in run_model["model"].parameters():
+                    p.fill_(float("nan"))
+
+    run_model = {}
+    original_init = VAE.init_from_data
+
+    def remember(self, x):
+        run_model["model"] = self
+        original_init(self, x)
+
+    VAE.init_from_data = remember
+    try:
+        with pytest.raises(TrainingDiverged, match="epoch 3.*end of epoch 2"):
+            fit("vae", SMALL, config(tiny_npy, epochs=4), tmp_path / "nan", device="cpu", log=poison)
+    finally:
+        VAE.init_from_data = original_init
+    good = load_run(tmp_path / "nan")
+    assert all(torch.isfinite(p).all() for p in good.model.parameters())
+    assert len(good.history) == 2
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+
+def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
+    fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "done", device="cpu")
+    with pytest.raises(RunError, match="--epochs"):
+        resume(tmp_path / "done", device="cpu")

@@ -26,7 +26,7 @@ from .data import BINARIZATIONS, load_dataset
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
 from .objectives import OBJECTIVES
-from .train import TrainConfig, fit as fit_model, load_run, resolve_device, resume as resume_run
+from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "quiet")
 CHOICES = {"binarize": BINARIZATIONS, "objective": tuple(OBJECTIVES)}
@@ -118,12 +118,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                 raise ConfigError(
                     "a resumed run keeps its saved config; only --epochs may change, not "
                     + ", ".join("--" + g.replace("_", "-") for g in given))
-            saved = json.loads((Path(opts["run_dir"]) / "config.json").read_text()).get("model") \
-                if (Path(opts["run_dir"]) / "config.json").is_file() else name
-            if saved != name:
-                raise ConfigError(f"{opts['run_dir']} is a {saved} run, not {name}")
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = resume_run(opts["run_dir"], epochs=epochs, data_dir=opts["data_dir"],
+            run = resume_run(opts["run_dir"], epochs=epochs, model_name=name, data_dir=opts["data_dir"],
                              device=opts["device"], download=opts["download"], log=log,
                              progress=not opts["quiet"])
         else:
@@ -151,14 +147,17 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                          help=f"{doc} Trained by default with the {cls.default_objective} objective.")
 
 
+_RUNTIME: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--data-dir",), dict(type=click.Path(file_okay=False),
+                           help="dataset folder (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")),
+    (("--device",), dict(default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")),
+    (("--download/--no-download",), dict(default=True, show_default=True,
+                                         help="download missing datasets")),
+]
+
+
 def _runtime_options() -> list[click.Option]:
-    return [
-        click.Option(["--data-dir"], type=click.Path(file_okay=False),
-                     help="dataset folder (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)"),
-        click.Option(["--device"], default="auto", show_default=True, help="cpu, cuda or auto"),
-        click.Option(["--download/--no-download"], default=True, show_default=True,
-                     help="download missing datasets"),
-    ]
+    return [click.Option(list(decls), **kw) for decls, kw in _RUNTIME]
 
 
 for _name, _cls in MODELS.items():
@@ -166,8 +165,9 @@ for _name, _cls in MODELS.items():
 
 
 def _with_runtime(f: Any) -> Any:
-    for option in reversed(_runtime_options()):
-        click.decorators._param_memo(f, option)
+    """Add --data-dir, --device and --download to a command that reads a run's data."""
+    for decls, kw in reversed(_RUNTIME):
+        f = click.option(*decls, **kw)(f)
     return f
 
 

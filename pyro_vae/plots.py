@@ -23,12 +23,12 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:
-    """Tile flat images (n, H*W) into one (rows*(H+1)-1, ncol*(W+1)-1) array, 1-pixel gaps."""
+    """Tile flat images (n, H*W) into one array with 1-pixel light grey gaps between them."""
     imgs = np.asarray(images.detach().cpu() if torch.is_tensor(images) else images, dtype=np.float32)
     h, w = image_shape
     imgs = imgs.reshape(-1, h, w)
     nrow = math.ceil(len(imgs) / ncol)
-    out = np.ones((nrow * (h + 1) - 1, ncol * (w + 1) - 1), dtype=np.float32)
+    out = np.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1), 0.25, dtype=np.float32)  # light grey gaps
     for i, img in enumerate(imgs):
         r, c = divmod(i, ncol)
         out[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img

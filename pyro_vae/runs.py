@@ -45,15 +45,21 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    @classmethod
-    def create(cls, path: str | Path, config: dict[str, Any]) -> RunDir:
-        """Make a new run directory; refuses to reuse one that already holds a run."""
-        run = cls(path)
-        if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+    @staticmethod
+    def check_free(path: str | Path) -> None:
+        """Refuse a path that already holds something: runs are never overwritten."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunError(
-                f"{run.path} already exists and is not empty; pick another --run-dir, "
+                f"{path} already exists and is not empty; pick another --run-dir, "
                 "or continue that run with --resume"
             )
+
+    @classmethod
+    def create(cls, path: str | Path, config: dict[str, Any]) -> RunDir:
+        """Make a new run directory and write its config."""
+        cls.check_free(path)
+        run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_json("config.json", config)
         return run

@@ -156,8 +156,7 @@ def fit(
     if train.objective is None:
         train = dataclasses.replace(train, objective=cls.default_objective)
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        RunDir.create(run_dir, {})  # raises the "already exists" error
+    RunDir.check_free(run_dir)  # before the data loads: fail fast
     dev = resolve_device(device)
     dataset = train.dataset
     if dataset.endswith((".npy", ".npz")):
@@ -181,6 +180,7 @@ def resume(
     run_dir: str | Path,
     *,
     epochs: int | None = None,
+    model_name: str | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
     download: bool = True,
@@ -188,9 +188,12 @@ def resume(
     progress: bool = False,
 ) -> Run:
     """Continue a run from its last checkpoint, exactly as if it had not stopped;
-    ``epochs`` may raise the number of epochs to train for."""
+    ``epochs`` may raise the number of epochs to train for, and ``model_name``, when
+    given, must be the run's."""
     run = RunDir.open(run_dir)
     config = run.config()
+    if model_name is not None and config["model"] != model_name:
+        raise ConfigError(f"{run.path} is a {config['model']} run, not {model_name}")
     train = _train_config(config["train"])
     if epochs is not None:
         train = dataclasses.replace(train, epochs=epochs)

@@ -5,7 +5,7 @@ import numpy as np
 import pyro
 import pytest
 
-import pyro_vae  # noqa: F401  (sets module_local_params)
+from pyro_vae.data import default_data_dir  # importing pyro_vae sets module_local_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,12 +34,24 @@ def tiny_npy(tmp_path) -> Path:
     return path
 
 
+def _find_data(marker: str) -> Path:
+    """The first of $PYRO_VAE_DATA, ../shared/data beside the repo and the default data
+    folder that holds ``marker``; skipped when none does, unless PYRO_VAE_REQUIRE_DATA is set."""
+    candidates = [Path(p) for p in (os.environ.get("PYRO_VAE_DATA"),) if p]
+    candidates += [REPO.parent / "shared" / "data", default_data_dir()]
+    for root in candidates:
+        if (root / marker).exists():
+            return root
+    if os.environ.get("PYRO_VAE_REQUIRE_DATA"):
+        pytest.fail(f"{marker} is in none of {candidates} but PYRO_VAE_REQUIRE_DATA is set")
+    pytest.skip(f"{marker} is in none of {candidates}; `pyro-vae download` fetches it")
+
+
 @pytest.fixture(scope="session")
-def data_root() -> Path:
-    """The MNIST copies: $PYRO_VAE_DATA, else ../shared/data beside the repo."""
-    root = Path(os.environ.get("PYRO_VAE_DATA", REPO.parent / "shared" / "data"))
-    if not (root / "MNIST" / "raw").is_dir():
-        if os.environ.get("PYRO_VAE_REQUIRE_DATA"):
-            pytest.fail(f"MNIST is not under {root} but PYRO_VAE_REQUIRE_DATA is set")
-        pytest.skip(f"MNIST is not under {root}; set PYRO_VAE_DATA")
-    return root
+def mnist_root() -> Path:
+    return _find_data("MNIST/raw/t10k-images-idx3-ubyte")
+
+
+@pytest.fixture(scope="session")
+def binarized_root() -> Path:
+    return _find_data("binarized_mnist/binarized_mnist_test.amat")

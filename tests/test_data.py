@@ -10,8 +10,8 @@ from pyro_vae.data import load_dataset
 from pyro_vae.errors import DataError
 
 
-def test_mnist_splits_and_dynamic_binarization(data_root):
-    ds = load_dataset("mnist", data_root, download=False)
+def test_mnist_splits_and_dynamic_binarization(mnist_root):
+    ds = load_dataset("mnist", mnist_root, download=False)
     assert {k: v.shape for k, v in ds.splits.items()} == {
         "train": (50_000, 784), "valid": (10_000, 784), "test": (10_000, 784)}
     assert ds.binarize == "dynamic" and ds.labels["test"].shape == (10_000,)
@@ -28,18 +28,18 @@ def test_mnist_splits_and_dynamic_binarization(data_root):
     assert abs(test[grey].mean().item() - ds.split("test")[grey].mean().item()) < 0.01
 
 
-def test_binarized_mnist_is_read_whole(data_root):
-    ds = load_dataset("binarized-mnist", data_root, download=False)
+def test_binarized_mnist_is_read_whole(binarized_root):
+    ds = load_dataset("binarized-mnist", binarized_root, download=False)
     assert {k: v.shape[0] for k, v in ds.splits.items()} == {"train": 50_000, "valid": 10_000, "test": 10_000}
     assert ds.binarize == "none" and set(ds.splits["valid"].unique().tolist()) == {0.0, 1.0}
     assert torch.equal(ds.eval_data("test"), ds.splits["test"])
 
 
-def test_truncated_amat_is_reported(data_root, tmp_path):
+def test_truncated_amat_is_reported(binarized_root, tmp_path):
     folder = tmp_path / "binarized_mnist"
     folder.mkdir()
     for split in ("train", "valid", "test"):
-        shutil.copy(data_root / "binarized_mnist" / f"binarized_mnist_{split}.amat", folder)
+        shutil.copy(binarized_root / "binarized_mnist" / f"binarized_mnist_{split}.amat", folder)
     text = (folder / "binarized_mnist_valid.amat").read_bytes()
     (folder / "binarized_mnist_valid.amat").write_bytes(text[: len(text) // 3])
     with pytest.raises(DataError, match="truncated"):

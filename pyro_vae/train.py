@@ -113,6 +113,12 @@ def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int
     return -total / x.shape[0]
 
 
+def _fixed_subset(x: torch.Tensor, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The same random ``n`` rows at every epoch (data files can be sorted by class)."""
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[pick].to(device)
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -218,15 +224,12 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     log = log or (lambda message: None)
     model.to(device)
     objective = make_objective(train.objective, train.particles)
-    bound_objective = make_objective(train.objective, train.particles)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
     steps_per_epoch = data.num_batches(train.batch_size)
     warmup_steps = train.kl_warmup * steps_per_epoch
-    gen = torch.Generator().manual_seed(train.seed)
-    n_eval = min(train.eval_size, data.split("train").shape[0])
-    train_eval = data.eval_data("train")[torch.randperm(data.split("train").shape[0], generator=gen)[:n_eval]].to(device)
-    valid_eval = data.eval_data("valid")[: train.eval_size].to(device)
+    train_eval, valid_eval = (_fixed_subset(data.eval_data(split), train.eval_size, train.seed, device)
+                              for split in ("train", "valid"))
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
@@ -294,8 +297,8 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
                     "epoch": epoch + 1,
                     "step": step,
                     "train_loss": loss_sum / batch,
-                    "train_bound": objective_bound(bound_objective, model, train_eval),
-                    "valid_bound": objective_bound(bound_objective, model, valid_eval),
+                    "train_bound": objective_bound(objective, model, train_eval),
+                    "valid_bound": objective_bound(objective, model, valid_eval),
                     "kl_weight": kl_weight,
                     "lr": lr,
                     "seconds": time.perf_counter() - start_time,

@@ -81,6 +81,7 @@ def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monk
     assert strip(resumed.history) == strip(full.history)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_npy, tmp_path):
     def poison(line):
         if line.startswith("epoch 2/"):

@@ -8,8 +8,8 @@ For each datapoint x and K draws z_k ~ q(z | x),
     log p(x) ~ logsumexp_{k<=K} log w_k - log K           (the IWAE-K bound, K large)
 
 Pyro's ``Importance`` and ``vectorized_importance_weights`` give one weight per particle
-for the whole batch; here the batch is repeated K times along the data plate instead, so
-every weight belongs to one datapoint. Sites marked for parallel enumeration are summed
+for the whole batch; here the particles are a plate of their own and nothing is summed
+over the data plate, so every weight belongs to one datapoint. Sites marked for parallel enumeration are summed
 out exactly inside each weight: their log-densities broadcast along extra left dimensions,
 and a logsumexp over those dimensions marginalises them before any average over K. A
 site enumerated in the guide contributes its model prior and no guide density, which
@@ -25,18 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
-
-
-def _repeat(value: Any, times: int, batch: int) -> Any:
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
-        return value.repeat(times, *([1] * (value.dim() - 1)))
-    return value
 
 
 def _site_log_prob(site: dict) -> torch.Tensor:
@@ -59,28 +54,29 @@ def log_weights(
     Returns ``(log_w, log_lik)``, both of shape (num_particles, batch): the weights, and
     the observed sites' log-likelihood for the same draws (averaged over any enumerated
     variables under their posterior given x and z), from which E_q[log p(x | z)] and the
-    KL term of the ELBO are read off. Extra tensor arguments whose first dimension is the
-    batch are repeated along with ``x``.
+    KL term of the ELBO are read off.
+
+    The particles are a vectorized plate left of the model's own plates (as in Pyro's
+    ``vectorize_particles=True``), so the encoder runs once per datapoint and the decoder
+    once per draw; enumerated sites take the dimensions left of the particle plate.
     """
     batch = x.shape[0]
-    n = batch * num_particles
-    args = tuple(_repeat(a, num_particles, batch) for a in args)
-    kwargs = {k: _repeat(v, num_particles, batch) for k, v in kwargs.items()}
-    x = _repeat(x, num_particles, batch)
+    particle_dim = -1 - max_plate_nesting
+    first_enum_dim = particle_dim - 1
 
-    first_dim = -1 - max_plate_nesting
-    guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=first_dim)).get_trace(
-        x, *args, **kwargs
-    )
-    guide_enum_dims = [
-        s["infer"]["_enumerate_dim"]
-        for s in guide_trace.nodes.values()
-        if s["type"] == "sample" and "_enumerate_dim" in s["infer"]
-    ]
-    model_first_dim = min(guide_enum_dims, default=0) - 1 if guide_enum_dims else first_dim
-    model_trace = poutine.trace(
-        poutine.replay(poutine.enum(model, first_available_dim=model_first_dim), trace=guide_trace)
-    ).get_trace(x, *args, **kwargs)
+    with pyro.plate("_iw_particles", num_particles, dim=particle_dim):
+        guide_trace = poutine.trace(
+            poutine.enum(guide, first_available_dim=first_enum_dim)
+        ).get_trace(x, *args, **kwargs)
+        guide_enum_dims = [
+            s["infer"]["_enumerate_dim"]
+            for s in guide_trace.nodes.values()
+            if s["type"] == "sample" and "_enumerate_dim" in s["infer"]
+        ]
+        model_first_dim = min(guide_enum_dims) - 1 if guide_enum_dims else first_enum_dim
+        model_trace = poutine.trace(
+            poutine.replay(poutine.enum(model, first_available_dim=model_first_dim), trace=guide_trace)
+        ).get_trace(x, *args, **kwargs)
 
     log_joint: Any = 0.0
     log_lik: Any = 0.0
@@ -88,7 +84,7 @@ def log_weights(
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         lp = _site_log_prob(site)
-        if lp.dim() == 0 or lp.shape[-1] != n:
+        if lp.dim() < 2 or lp.shape[-1] != batch:
             raise ValueError(
                 f"site {name!r} is not inside the data plate (log-density shape "
                 f"{tuple(lp.shape)}); per-datapoint bounds need every site in it"
@@ -101,15 +97,15 @@ def log_weights(
             if "_enumerate_dim" not in site["infer"]:
                 log_joint = log_joint - _site_log_prob(site)
 
-    # sum out enumerated variables: everything left of the data dimension
-    log_joint = log_joint.reshape(-1, n) if log_joint.dim() > 1 else log_joint.reshape(1, n)
-    shape = torch.broadcast_shapes(log_joint.shape, torch.as_tensor(log_lik).shape)
-    log_joint = log_joint.expand(shape)
-    log_lik = torch.as_tensor(log_lik, device=log_joint.device).expand(shape)
+    # sum out enumerated variables: every dimension left of (particles, data)
+    shape = torch.broadcast_shapes(log_joint.shape, torch.as_tensor(log_lik).shape,
+                                   (num_particles, batch))
+    log_joint = log_joint.expand(shape).reshape(-1, num_particles, batch)
+    log_lik = torch.as_tensor(log_lik, device=log_joint.device).expand(shape).reshape(log_joint.shape)
+    if log_joint.shape[0] == 1:
+        return log_joint[0], log_lik[0]
     posterior = torch.softmax(log_joint, dim=0)
-    log_w = torch.logsumexp(log_joint, dim=0)
-    log_lik = (posterior * log_lik).sum(0)
-    return log_w.view(num_particles, batch), log_lik.view(num_particles, batch)
+    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0)
 
 
 def _iwae_groups(log_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +185,7 @@ def estimate_bounds(
     *,
     ks: Sequence[int] | None = None,
     batch_size: int = 100,
-    max_rows: int = 50_000,
+    max_rows: int = 2_000,
     progress: Callable[[int], None] | None = None,
     **kwargs: Any,
 ) -> BoundEstimates:

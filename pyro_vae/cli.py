@@ -179,7 +179,7 @@ def _with_runtime(f: Any) -> Any:
 @click.option("--limit", type=click.IntRange(min=1), help="score a random subset of this many images")
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-rows", default=50_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-rows", default=2_000, show_default=True, type=click.IntRange(min=1),
               help="(image, sample) pairs through the networks at once: bounds memory")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK.json)")

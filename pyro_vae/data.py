@@ -44,6 +44,7 @@ class Dataset:
 
     @property
     def x_dim(self) -> int:
+        """Size of one flattened item."""
         return self.splits["train"].shape[1]
 
     def split(self, name: str) -> torch.Tensor:
@@ -84,6 +85,7 @@ class Dataset:
             yield x[i : i + batch_size]
 
     def num_batches(self, batch_size: int) -> int:
+        """Batches in one training epoch (the last one may be smaller)."""
         return -(-self.splits["train"].shape[0] // batch_size)
 
 

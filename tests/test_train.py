@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pyro_vae import TrainConfig, VAE, VAEConfig, fit, load_run, resume
+from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_run, resume
 from pyro_vae.data import Dataset
 from pyro_vae.errors import RunError, TrainingDiverged
 
@@ -113,3 +113,12 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
     fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "done", device="cpu")
     with pytest.raises(RunError, match="--epochs"):
         resume(tmp_path / "done", device="cpu")
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_every_model_trains_with_every_objective(model_name, objective, tiny_npy, tmp_path):
+    train = config(tiny_npy, epochs=3, objective=objective, particles=2)
+    run = fit(model_name, {}, train, tmp_path / "run", device="cpu")
+    bounds = [row["valid_bound"] for row in run.history]
+    assert bounds[-1] > bounds[0], bounds

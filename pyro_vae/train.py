@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -211,8 +213,8 @@ def resume(
     model = build_model(config["model"], data.x_dim, config["model_config"])
     if state["epoch"] >= train.epochs:
         raise RunError(
-            f"{run.path} already finished its {train.epochs} epochs; pass --epochs N with "
-            f"N > {state['epoch']} to train longer"
+            f"{run.path} has already trained {state['epoch']} epochs (asked for {train.epochs}); "
+            f"pass --epochs N with N > {state['epoch']} to train longer"
         )
     run.write_json("config.json", config)
     return _train(run, config, model, data, dev, state, log, progress)
@@ -234,69 +236,77 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
 
     if state is None:
         model.init_from_data(data.split("train").to(device))
-        epoch, batch, step, loss_sum, history = 0, 0, 0, 0.0, []
-        best = -math.inf
+        state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "history": []}
         _sample_figure(model, run, image_shape, train.seed, device, 0)
     else:
         load_model_state(model, state["model"], run.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], device)
-        epoch, batch, step, loss_sum = state["epoch"], state["batch"], state["step"], state["loss_sum"]
-        history = list(state["history"])
-        best = max((row["valid_bound"] for row in history), default=-math.inf)
-        log(f"resuming {run.path} at epoch {epoch + 1}" + (f", batch {batch + 1}" if batch else ""))
+        log(f"resuming {run.path} at epoch {state['epoch'] + 1}"
+            + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
+    # the loop's position: epoch and batch done, steps done, objective summed this epoch
+    pos = {k: state[k] for k in ("epoch", "batch", "step", "loss_sum")}
+    history: list[dict[str, Any]] = list(state["history"])
+    best = max((row["valid_bound"] for row in history), default=-math.inf)
 
     def checkpoint() -> None:
         run.save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
-            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum,
-            "history": history,
+            **pos, "history": history,
         })
 
-    checked = False
-    try:
-        while epoch < train.epochs:
+    def train_steps(interrupted: threading.Event) -> float:
+        """The rest of the current epoch's steps (until Ctrl-C); returns the last KL weight."""
+        kl_weight = train.beta
+        batches = data.train_batches(train.batch_size, pos["epoch"], train.seed, device, start=pos["batch"])
+        bar = click.progressbar(length=steps_per_epoch - pos["batch"], file=sys.stderr,
+                                label=f"epoch {pos['epoch'] + 1}/{train.epochs}")
+        with bar if progress else contextlib.nullcontext():
+            for x in batches:
+                if warmup_steps:
+                    kl_weight = train.beta * min(1.0, (pos["step"] + 1) / warmup_steps)
+                # Pyro's and torch's argument checks cost time on every step: they run on
+                # the first step of each session only, to catch a malformed model early.
+                with pyro.validation_enabled(pos["step"] == state["step"]):
+                    loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
+                value = loss.item() / x.shape[0]
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value} at epoch {pos['epoch'] + 1}, batch {pos['batch'] + 1}; "
+                        f"stopped. The last good checkpoint (end of epoch {history[-1]['epoch'] if history else 0}) "
+                        f"is kept in {run.path}. Try a lower --lr or --grad-clip 10"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                optimizer.step()
+                pos["loss_sum"] += value
+                pos["batch"] += 1
+                pos["step"] += 1
+                if progress:
+                    bar.update(1)
+                if interrupted.is_set():
+                    break
+        return kl_weight
+
+    with _deferred_interrupt() as interrupted:
+        while pos["epoch"] < train.epochs and not interrupted.is_set():
             start_time = time.perf_counter()
             model.train()
-            batches = data.train_batches(train.batch_size, epoch, train.seed, device, start=batch)
-            bar = (click.progressbar(length=steps_per_epoch - batch, label=f"epoch {epoch + 1}/{train.epochs}",
-                                     file=sys.stderr) if progress else contextlib.nullcontext())
-            kl_weight = train.beta
-            with bar:
-                for x in batches:
-                    kl_weight = train.beta * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
-                    # Pyro's and torch's argument checks cost time on every step: they run
-                    # on the first step of a session only, to catch a malformed model early.
-                    with pyro.validation_enabled(checked is False):
-                        loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
-                    checked = True
-                    value = loss.item() / x.shape[0]
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(
-                            f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; stopped. "
-                            f"The last good checkpoint (end of epoch {epoch}) is kept in {run.path}. "
-                            "Try a lower --lr or --grad-clip 10"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if train.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                    optimizer.step()
-                    loss_sum += value
-                    batch += 1
-                    step += 1
-                    if progress:
-                        bar.update(1)
+            kl_weight = train_steps(interrupted)
+            if interrupted.is_set():
+                break
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             model.eval()
             with fixed_rng(train.seed + 1, device):
                 row = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "train_loss": loss_sum / batch,
+                    "epoch": pos["epoch"] + 1,
+                    "step": pos["step"],
+                    "train_loss": pos["loss_sum"] / pos["batch"],
                     "train_bound": objective_bound(objective, model, train_eval),
                     "valid_bound": objective_bound(objective, model, valid_eval),
                     "kl_weight": kl_weight,
@@ -304,30 +314,51 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
                     "seconds": time.perf_counter() - start_time,
                 }
             history.append(row)
-            epoch, batch, loss_sum = epoch + 1, 0, 0.0
+            pos.update(epoch=pos["epoch"] + 1, batch=0, loss_sum=0.0)
             run.write_metrics(history)
             checkpoint()
             if row["valid_bound"] > best:
                 best = row["valid_bound"]
-                run.save_checkpoint({"model": model.state_dict(), "epoch": epoch}, "best.pt")
-            log(f"epoch {epoch}/{train.epochs}  train {row['train_bound']:.2f}  "
+                run.save_checkpoint({"model": model.state_dict(), "epoch": pos["epoch"]}, "best.pt")
+            log(f"epoch {row['epoch']}/{train.epochs}  train {row['train_bound']:.2f}  "
                 f"valid {row['valid_bound']:.2f} nats/image  ({row['seconds']:.1f} s)")
             plots.bound_curves(history, run.figures / "curves.png", title=run.path.name)
-            if epoch == train.epochs // 2 or epoch == train.epochs:
-                _sample_figure(model, run, image_shape, train.seed, device, epoch)
-    except KeyboardInterrupt:
-        del history[epoch:]  # an epoch whose row was appended but not yet counted
+            if row["epoch"] in (train.epochs // 2, train.epochs):
+                _sample_figure(model, run, image_shape, train.seed, device, row["epoch"])
+    if interrupted.is_set():
         checkpoint()
         raise RunError(
-            f"interrupted at epoch {epoch + 1}, batch {batch}; the state is saved: continue with "
-            f"`pyro-vae fit {config['model']} --run-dir {run.path} --resume`"
-        ) from None
+            f"interrupted at epoch {pos['epoch'] + 1}, after batch {pos['batch']}; the state is saved: "
+            f"continue with `pyro-vae fit {config['model']} --run-dir {run.path} --resume`"
+        )
     if image_shape is not None:
         x = valid_eval[:50]
         plots.reconstructions(x, model.reconstruct(x), image_shape, run.figures / "reconstructions.png")
         if getattr(model.config, "z_dim", None) == 2:
             plots.latent_manifold(model, image_shape, run.figures / "manifold.png")
     return Run(run, config["model"], model, train, history, config["data"])
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Turn Ctrl-C into a flag that the loop reads between steps, so that the state it
+    saves is never half-way through an optimizer update. A second Ctrl-C stops at once
+    (the checkpoint of the last finished epoch stays)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _sample_figure(model: Any, run: RunDir, image_shape: tuple[int, ...] | None, seed: int,

@@ -209,7 +209,9 @@ def estimate_bounds(
         x = data[start : start + batch_size]
         lw, ll = [], []
         for k0 in range(0, num_particles, chunk):
-            w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), **kwargs)
+            # argument and support checks on the first chunk only: they cost ~20% of the time
+            with pyro.validation_enabled(start == 0 and k0 == 0):
+                w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), **kwargs)
             lw.append(w)
             ll.append(lik)
         log_w = torch.cat(lw)

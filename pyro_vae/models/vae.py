@@ -56,9 +56,7 @@ class VAE(PyroModule):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior(x.shape[0]))
             logits = self.decoder(z)
-            pyro.sample(
-                "x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x
-            )
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """Amortized posterior q(z | x)."""

@@ -235,7 +235,7 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
-        model.init_from_data(data.split("train").to(device))
+        model.init_from_data(data.split("train"))
         state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "history": []}
         _sample_figure(model, run, image_shape, train.seed, device, 0)
     else:

@@ -67,7 +67,7 @@ class VAE(PyroModule):
 
     def init_from_data(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation before training (decoder output bias)."""
-        self.decoder.init_output_bias(x.float().mean(0))
+        self.decoder.init_output_bias(x.float().mean(0).to(self.decoder.net[-1].bias.device))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from click.core import ParameterSource
 
 from . import plots
 from .bounds import estimate_bounds
-from .data import BINARIZATIONS, load_dataset
+from .data import BINARIZATIONS, load_dataset, random_rows
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
 from .objectives import OBJECTIVES
@@ -42,9 +42,7 @@ class Group(click.Group):
             raise click.ClickException(str(e)) from None
 
 
-def _tuple_of_ints(value: Any) -> tuple[int, ...]:
-    if isinstance(value, tuple):
-        return value
+def _tuple_of_ints(value: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
     except ValueError:
@@ -190,12 +188,10 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
     run = load_run(run_dir, checkpoint, device)
     dev = next(run.model.parameters()).device
-    data = load_dataset(run.train.dataset, data_dir, run.train.binarize, run.train.valid_fraction,
-                        download, run.train.seed)
-    x = data.eval_data(split)
+    x = run.train.load_data(data_dir, download).eval_data(split)
     index = torch.arange(x.shape[0])
     if limit is not None and limit < x.shape[0]:
-        index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+        index = random_rows(x.shape[0], limit, seed)
     x = x[index].to(dev)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -272,10 +268,8 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
     run = load_run(run_dir, checkpoint, device)
     if not run.data_info.get("image_shape"):
         raise ConfigError("this run's data has no image shape, so there is nothing to draw")
-    data = load_dataset(run.train.dataset, data_dir, run.train.binarize, run.train.valid_fraction,
-                        download, run.train.seed)
-    x = data.eval_data(split)
-    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:num]]
+    x = run.train.load_data(data_dir, download).eval_data(split)
+    x = x[random_rows(x.shape[0], num, seed)]
     x = x.to(next(run.model.parameters()).device)
     out = Path(output) if output else run.dir.path / "reconstructions.png"
     plots.reconstructions(x, run.model.reconstruct(x), run.data_info["image_shape"], out)

@@ -92,6 +92,12 @@ class Dataset:
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
+def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of ``min(n, total)`` distinct rows drawn with a fixed seed: the way to take
+    part of a split, whose files can be sorted by class."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def default_data_dir() -> Path:
     """``$PYRO_VAE_DATA`` if set, else ``~/.cache/pyro_vae``."""
     env = os.environ.get("PYRO_VAE_DATA")

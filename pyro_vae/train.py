@@ -24,7 +24,7 @@ import pyro
 import torch
 
 from . import plots
-from .data import BINARIZATIONS, Dataset, load_dataset
+from .data import BINARIZATIONS, Dataset, load_dataset, random_rows
 from .errors import ConfigError, RunError, TrainingDiverged
 from .models import build_model, config_from_dict, model_class
 from .objectives import OBJECTIVES, make_objective
@@ -51,6 +51,10 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm
     seed: int = 0
     eval_size: int = 10_000  # images of train and of validation scored after each epoch
+
+    def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+        """The dataset this config trains on, binarized and split as it says."""
+        return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed)
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name in the message."""
@@ -115,12 +119,6 @@ def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int
     return -total / x.shape[0]
 
 
-def _fixed_subset(x: torch.Tensor, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The same random ``n`` rows at every epoch (data files can be sorted by class)."""
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[pick].to(device)
-
-
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -166,11 +164,9 @@ def fit(
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     RunDir.check_free(run_dir)  # before the data loads: fail fast
     dev = resolve_device(device)
-    dataset = train.dataset
-    if dataset.endswith((".npy", ".npz")):
-        dataset = str(Path(dataset).resolve())
-        train = dataclasses.replace(train, dataset=dataset)
-    data = load_dataset(dataset, data_dir, train.binarize, train.valid_fraction, download, train.seed)
+    if train.dataset.endswith((".npy", ".npz")):
+        train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
+    data = train.load_data(data_dir, download)
     pyro.set_rng_seed(train.seed)  # before the weights are initialised
     model = build_model(model_name, data.x_dim, model_config)
     config = {
@@ -209,7 +205,7 @@ def resume(
         config["train"]["epochs"] = epochs
     dev = resolve_device(device)
     state = run.load_checkpoint(map_location=dev)
-    data = load_dataset(train.dataset, data_dir, train.binarize, train.valid_fraction, download, train.seed)
+    data = train.load_data(data_dir, download)
     model = build_model(config["model"], data.x_dim, config["model_config"])
     if state["epoch"] >= train.epochs:
         raise RunError(
@@ -230,8 +226,9 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
     steps_per_epoch = data.num_batches(train.batch_size)
     warmup_steps = train.kl_warmup * steps_per_epoch
-    train_eval, valid_eval = (_fixed_subset(data.eval_data(split), train.eval_size, train.seed, device)
-                              for split in ("train", "valid"))
+    # the same random images at every epoch
+    train_eval, valid_eval = (x[random_rows(len(x), train.eval_size, train.seed)].to(device)
+                              for x in (data.eval_data("train"), data.eval_data("valid")))
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
@@ -375,8 +372,8 @@ def _sample_figure(model: Any, run: RunDir, image_shape: tuple[int, ...] | None,
 
 
 def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") -> Run:
-    """Rebuild a trained model from its run directory: ``checkpoint`` is ``last`` (the end
-    of the last finished epoch) or ``best`` (best validation bound)."""
+    """Rebuild a trained model from its run directory: ``checkpoint`` is ``last`` (the
+    latest saved state) or ``best`` (best validation bound)."""
     run = RunDir.open(path)
     config = run.config()
     names = {"last": "checkpoint.pt", "best": "best.pt"}

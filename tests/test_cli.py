@@ -54,8 +54,11 @@ def test_fit_evaluate_sample_reconstruct_plot(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert (trained / "reconstructions.png").is_file()
 
+    for figure in (trained / "figures").iterdir():
+        figure.unlink()  # so that what follows checks that plot draws them again
     result = invoke("plot", trained)
     assert result.exit_code == 0 and (trained / "figures" / "manifold.png").is_file()
+    assert (trained / "figures" / "curves.png").is_file()
 
 
 def test_evaluate_limit_draws_a_random_subset(trained):

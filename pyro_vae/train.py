@@ -114,8 +114,9 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
 def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int = 1000) -> float:
     """Minus the objective at KL weight 1 on ``x``, in nats per image."""
     total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        total += objective.loss(model.model, model.guide, x[i : i + batch_size])
+    with pyro.validation_enabled(False):  # the model was checked on its first training step
+        for i in range(0, x.shape[0], batch_size):
+            total += objective.loss(model.model, model.guide, x[i : i + batch_size])
     return -total / x.shape[0]
 
 

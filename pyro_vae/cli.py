@@ -25,6 +25,7 @@ from .bounds import estimate_bounds
 from .data import BINARIZATIONS, load_dataset, random_rows
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
+from .models.gmvae import cluster_accuracy
 from .objectives import OBJECTIVES
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
@@ -61,6 +62,10 @@ def _options_from_dataclass(cls: type) -> list[click.Option]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if args and typing.get_origin(hint) is not tuple else hint
         flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            options.append(click.Option([f"{flag}/--no-{flag[2:]}", f.name], default=f.default,
+                                        show_default=True, help=_FIELD_HELP.get(f.name)))
+            continue
         if f.name in CHOICES:
             kind: Any = click.Choice(CHOICES[f.name])
         elif typing.get_origin(hint) is tuple:
@@ -89,6 +94,10 @@ _FIELD_HELP = {
     "z_dim": "latent dimensions",
     "hidden": "hidden layer sizes, comma separated",
     "activation": "tanh, relu, elu, softplus or gelu",
+    "components": "mixture components of the prior",
+    "learn_weights": "learn the mixture weights (else uniform)",
+    "learn_prior": "learn the component means and scales",
+    "init_spread": "standard deviation of the initial component means",
 }
 
 
@@ -279,16 +288,68 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-def plot(run_dir: str, checkpoint: str) -> None:
-    """Redraw a run's figures: bound curves, and the latent manifold for a 2-D latent space."""
-    run = load_run(run_dir, checkpoint, "cpu")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_with_runtime
+def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device: str, download: bool) -> None:
+    """Redraw a run's figures: bound curves and its family's own (latent manifold for a
+    2-D latent space; samples per component and the latent space for the GMVAE)."""
+    run = load_run(run_dir, checkpoint, device)
     if not run.history:
         raise ConfigError(f"{run_dir} has no metrics yet")
     written = [plots.bound_curves(run.history, run.dir.figures / "curves.png", title=run.dir.path.name)]
     shape = run.data_info.get("image_shape")
-    if shape and getattr(run.model.config, "z_dim", None) == 2:
-        written.append(plots.latent_manifold(run.model, shape, run.dir.figures / "manifold.png"))
+    if shape:
+        data = run.train.load_data(data_dir, download)
+        rows = random_rows(len(data.split("valid")), run.train.eval_size, run.train.seed)
+        x = data.eval_data("valid")[rows].to(next(run.model.parameters()).device)
+        labels = data.labels["valid"][rows] if "valid" in data.labels else None
+        torch.manual_seed(seed)
+        written += run.model.figures(x, labels, shape, run.dir.figures)
     click.echo("wrote " + ", ".join(map(str, written)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1),
+              help="importance samples per image in the estimate of p(component | x)")
+@click.option("--limit", type=click.IntRange(min=1), help="assign a random subset of this many images")
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/clusters-SPLIT.json)")
+@_with_runtime
+def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoint: str, seed: int,
+            output: str | None, data_dir: str | None, device: str, download: bool) -> None:
+    """Assign images to mixture components by their posterior p(component | x); with
+    labelled data, the clustering accuracy (each component mapped to its majority label)."""
+    run = load_run(run_dir, checkpoint, device)
+    if not hasattr(run.model, "assign"):
+        raise ConfigError(f"{run_dir} is a {run.model_name} run; clustering needs a model with "
+                          "mixture components (gmvae)")
+    data = run.train.load_data(data_dir, download)
+    x = data.eval_data(split)
+    index = torch.arange(x.shape[0])
+    if limit is not None and limit < x.shape[0]:
+        index = random_rows(x.shape[0], limit, seed)
+    torch.manual_seed(seed)
+    assignment = run.model.assign(x[index].to(next(run.model.parameters()).device), samples).cpu()
+    sizes = torch.bincount(assignment, minlength=run.model.config.components)
+    labels = data.labels[split][index] if split in data.labels else None
+    summary = {"run": str(run.dir.path), "checkpoint": checkpoint, "split": split, "seed": seed,
+               "num_images": len(index), "samples": samples, "components": len(sizes),
+               "used_components": int((sizes > 0).sum()),
+               "accuracy": None if labels is None else cluster_accuracy(assignment, labels),
+               "sizes": sizes.tolist()}
+    out = Path(output) if output else run.dir.path / f"clusters-{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), assignment=assignment.numpy(),
+                        **({} if labels is None else {"labels": labels.numpy()}))
+    click.echo(f"{summary['num_images']} {split} images in {summary['used_components']} of "
+               f"{summary['components']} components")
+    if labels is not None:
+        click.echo(f"clustering accuracy (majority label per component): {summary['accuracy']:.4f}")
+    click.echo(f"wrote {out} and assignments in {out.with_suffix('.npz')}")
 
 
 @main.command()

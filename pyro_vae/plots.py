@@ -87,3 +87,36 @@ def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int =
     device = next(model.parameters()).device
     images = model.decode(z.to(device))
     return image_grid(images, image_shape, path, title="latent manifold (Gaussian quantile grid)", ncol=n)
+
+
+@torch.no_grad()
+def latent_scatter(points: torch.Tensor, panels: Sequence[tuple[str, torch.Tensor]], path: Path,
+                   centres: torch.Tensor | None = None) -> Path:
+    """Latent codes (n, d) in two dimensions, one panel per colouring (title, integer
+    classes). Codes of more than two dimensions are drawn on their first two principal
+    axes; ``centres`` (e.g. mixture means) are projected onto the same axes."""
+    points = points.detach().float().cpu()
+    if points.shape[1] == 1:
+        points = torch.cat([points, torch.zeros_like(points)], 1)
+        centres = None if centres is None else torch.cat([centres, torch.zeros_like(centres)], 1)
+    mean = points.mean(0)
+    if points.shape[1] > 2:
+        axes = torch.linalg.svd(points - mean, full_matrices=False).Vh[:2].T
+        label = "principal axis"
+    else:
+        axes = torch.eye(points.shape[1])
+        label = "z"
+    xy = ((points - mean) @ axes).numpy()
+    fig = Figure(figsize=(4.5 * len(panels), 4.2))
+    for i, (title, classes) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        c = np.asarray(classes.cpu()) % 20  # tab20 repeats its colours after 20 classes
+        ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap="tab20", vmin=0, vmax=19, s=3, alpha=0.7)
+        if centres is not None:
+            cxy = ((centres.detach().float().cpu() - mean) @ axes).numpy()
+            ax.scatter(cxy[:, 0], cxy[:, 1], marker="x", c="black", s=20, linewidths=1, label="component means")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"{label} 1")
+        ax.set_ylabel(f"{label} 2")
+    return _save(fig, path)

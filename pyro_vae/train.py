@@ -27,7 +27,7 @@ from . import plots
 from .data import BINARIZATIONS, Dataset, load_dataset, random_rows
 from .errors import ConfigError, RunError, TrainingDiverged
 from .models import build_model, config_from_dict, model_class
-from .objectives import OBJECTIVES, make_objective
+from .objectives import OBJECTIVES, UNSCALED_OBJECTIVES, make_objective
 from .runs import RunDir, load_model_state
 
 Log = Callable[[str], None]
@@ -72,6 +72,10 @@ class TrainConfig:
              f"--binarize must be one of {', '.join(BINARIZATIONS)}"),
             (self.objective is None or self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.objective not in UNSCALED_OBJECTIVES or (self.beta == 1 and self.kl_warmup == 0),
+             f"--objective {self.objective} is a single importance-weighted bound: a KL weight "
+             "inside its logsumexp would make it bound nothing, so --beta and --kl-warmup "
+             "cannot be used with it"),
         ]
         for ok, message in rules:
             if not ok:
@@ -162,6 +166,9 @@ def fit(
     train.check()
     if train.objective is None:
         train = dataclasses.replace(train, objective=cls.default_objective)
+    if train.objective not in cls.objectives:
+        raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}; "
+                          f"use one of {', '.join(cls.objectives)}")
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     RunDir.check_free(run_dir)  # before the data loads: fail fast
     dev = resolve_device(device)
@@ -228,8 +235,9 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     steps_per_epoch = data.num_batches(train.batch_size)
     warmup_steps = train.kl_warmup * steps_per_epoch
     # the same random images at every epoch
-    train_eval, valid_eval = (x[random_rows(len(x), train.eval_size, train.seed)].to(device)
-                              for x in (data.eval_data("train"), data.eval_data("valid")))
+    rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
+    train_eval, valid_eval = (data.eval_data(name)[rows[name]].to(device) for name in ("train", "valid"))
+    valid_labels = data.labels["valid"][rows["valid"]] if "valid" in data.labels else None
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
@@ -332,8 +340,8 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     if image_shape is not None:
         x = valid_eval[:50]
         plots.reconstructions(x, model.reconstruct(x), image_shape, run.figures / "reconstructions.png")
-        if getattr(model.config, "z_dim", None) == 2:
-            plots.latent_manifold(model, image_shape, run.figures / "manifold.png")
+        with fixed_rng(train.seed, device):
+            model.figures(valid_eval, valid_labels, image_shape, run.figures)
     return Run(run, config["model"], model, train, history, config["data"])
 
 

@@ -10,7 +10,7 @@ import torch
 
 from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_run, resume
 from pyro_vae.data import Dataset
-from pyro_vae.errors import RunError, TrainingDiverged
+from pyro_vae.errors import ConfigError, RunError, TrainingDiverged
 
 SMALL = {"z_dim": 2, "hidden": (16,)}
 
@@ -117,10 +117,27 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
         resume(tmp_path / "done", device="cpu")
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_every_model_trains_with_every_objective(model_name, objective, tiny_npy, tmp_path):
+PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective in cls.objectives]
+
+
+@pytest.mark.parametrize("model_name,objective", PAIRS)
+def test_every_model_trains_with_each_of_its_objectives(model_name, objective, tiny_npy, tmp_path):
     train = config(tiny_npy, epochs=3, objective=objective, particles=2)
     run = fit(model_name, {}, train, tmp_path / "run", device="cpu")
     bounds = [row["valid_bound"] for row in run.history]
     assert bounds[-1] > bounds[0], bounds
+
+
+@pytest.mark.parametrize("model_name,objective",
+                         [(n, o) for n, cls in sorted(MODELS.items()) for o in sorted(OBJECTIVES)
+                          if o not in cls.objectives])
+def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, objective, tiny_npy, tmp_path):
+    with pytest.raises(ConfigError, match=f"{model_name} cannot be trained with --objective {objective}"):
+        fit(model_name, {}, config(tiny_npy, objective=objective), tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra", [{"beta": 0.5}, {"kl_warmup": 2.0}])
+def test_the_iwae_objective_refuses_a_kl_weight(extra, tiny_npy, tmp_path):
+    with pytest.raises(ConfigError, match="importance-weighted bound.*--beta and --kl-warmup"):
+        fit("vae", SMALL, config(tiny_npy, objective="iwae", particles=5, **extra), tmp_path / "r", device="cpu")

@@ -7,9 +7,10 @@ import typing
 from typing import Any
 
 from ..errors import ConfigError
+from .gmvae import GMVAE, GMVAEConfig
 from .vae import VAE, VAEConfig
 
-MODELS: dict[str, type] = {"vae": VAE}
+MODELS: dict[str, type] = {"vae": VAE, "gmvae": GMVAE}
 
 
 def model_class(name: str) -> type:
@@ -41,4 +42,4 @@ def build_model(name: str, x_dim: int, config: dict[str, Any] | None = None) -> 
     return cls(x_dim, config_from_dict(cls.Config, config or {}))
 
 
-__all__ = ["MODELS", "VAE", "VAEConfig", "build_model", "config_from_dict", "model_class"]
+__all__ = ["GMVAE", "GMVAEConfig", "MODELS", "VAE", "VAEConfig", "build_model", "config_from_dict", "model_class"]

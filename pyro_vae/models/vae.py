@@ -11,6 +11,8 @@ uses the unscaled log-densities.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -18,6 +20,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule
 
+from .. import plots
 from ..nets import BernoulliDecoder, GaussianEncoder
 
 
@@ -35,6 +38,7 @@ class VAE(PyroModule):
 
     Config = VAEConfig
     default_objective = "meanfield"
+    objectives = ("meanfield", "trace", "iwae")  # the flavours that train this pair
 
     def __init__(self, x_dim: int, config: VAEConfig | None = None):
         super().__init__()
@@ -89,3 +93,12 @@ class VAE(PyroModule):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean of each input: the usual reconstruction picture."""
         return self.decode(self.encode(x)[0])
+
+    def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
+                directory: Path) -> list[Path]:
+        """Figures particular to this family, drawn at the end of training and by
+        ``pyro-vae plot``: the latent manifold when z has two dimensions. ``x`` and
+        ``labels`` are validation images and their classes (None when unknown)."""
+        if self.config.z_dim != 2:
+            return []
+        return [plots.latent_manifold(self, image_shape, directory / "manifold.png")]

@@ -10,7 +10,9 @@ flattened and their (H, W) kept for plots. Binarization is done in bulk on whole
 
 Sources: ``mnist`` (torchvision layout, first 50k train / last 10k validation / t10k test),
 ``binarized-mnist`` (Larochelle & Murray's .amat files, 50k/10k/10k), or the path of a
-``.npy``/``.npz`` array of shape (N, H, W) or (N, D).
+``.npy``/``.npz`` array of shape (N, H, W) or (N, D); an ``.npz`` may hold splits
+``train``/``valid``/``test`` and integer class labels ``train_labels``... (``labels`` beside
+a single array).
 """
 
 from __future__ import annotations
@@ -183,25 +185,32 @@ def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
     else:
         with loaded:
             arrays = {k: loaded[k] for k in loaded.files}
-    if "train" not in arrays and len(arrays) == 1:
-        arrays = {"all": next(iter(arrays.values()))}
+    images = [k for k in arrays if not k.endswith("labels")]
+    if "train" not in arrays and len(images) == 1:
+        arrays = {"all": arrays[images[0]], **({"labels": arrays["labels"]} if "labels" in arrays else {})}
     splits: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
     shape = None
     for key in ("all", "train", "valid", "test"):
         if key in arrays:
             x, shape_k = _flatten(_check_range(arrays[key], f"{path.name}[{key}]"), f"{path.name}[{key}]")
             splits[key] = x
             shape = shape or shape_k
+            label_key = "labels" if key == "all" else f"{key}_labels"
+            if label_key in arrays:
+                labels[key] = _check_labels(arrays[label_key], len(x), f"{path.name}[{label_key}]")
     if not splits:
         raise DataError(
             f"{path} holds arrays {', '.join(arrays)}; an .npz needs 'train' (and optionally "
-            "'valid', 'test'), or a single array"
+            "'valid', 'test', and integer class labels 'train_labels', ...), or a single array"
         )
     dims = {x.shape[1] for x in splits.values()}
     if len(dims) > 1:
         raise DataError(f"the arrays in {path} have different sizes per item: {sorted(dims)}")
     if "all" in splits:
         splits["train"] = splits.pop("all")
+        if "all" in labels:
+            labels["train"] = labels.pop("all")
     if "valid" not in splits:
         x = splits["train"]
         if not 0 < valid_fraction < 1:
@@ -211,12 +220,24 @@ def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
             raise DataError(f"{path} has {x.shape[0]} items: too few to hold out a validation split")
         perm = np.random.default_rng(seed).permutation(x.shape[0])
         splits["valid"], splits["train"] = x[perm[:n_valid]], x[perm[n_valid:]]
+        if "train" in labels:
+            labels["valid"], labels["train"] = labels["train"][perm[:n_valid]], labels["train"][perm[n_valid:]]
     return Dataset(
         name=path.name,
         splits={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in splits.items()},
         binarize="none",
         image_shape=shape,
+        labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in labels.items()},
     )
+
+
+def _check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+    """Class labels: n non-negative integers."""
+    if y.shape != (n,) or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+        raise DataError(f"{what} must be {n} integer class labels, one per item; got shape {y.shape}, dtype {y.dtype}")
+    if n and y.min() < 0:
+        raise DataError(f"{what} has negative labels; classes are numbered 0, 1, ...")
+    return y.astype(np.int64)
 
 
 def _missing(what: str, where: Path, why: str, how: str) -> DataError:

@@ -170,3 +170,45 @@ def test_resume_refuses_changed_options(trained):
     result = invoke("fit", "vae", "--run-dir", trained, "--resume", "--lr", "0.1", "-q")
     assert_clean_error(result, "--lr")
     assert_clean_error(invoke("fit", "vae", "--resume", "-q"), "--run-dir")
+
+
+def test_gmvae_fit_evaluate_cluster_plot(tmp_path):
+    from conftest import make_binary_images
+
+    images = make_binary_images(240, seed=1)
+    labels = np.repeat(np.arange(4), 60)  # any integer labels do; the accuracy is what is checked
+    data = tmp_path / "labelled.npz"
+    np.savez(data, train=images[:200], train_labels=labels[:200], test=images[200:], test_labels=labels[200:])
+    run = tmp_path / "gm"
+    result = invoke("fit", "gmvae", "--dataset", data, "--run-dir", run, "--components", 3,
+                    "--learn-weights", *FAST)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_config"]["learn_weights"] is True and config["train"]["objective"] == "enum"
+    figures = {p.name for p in (run / "figures").iterdir()}
+    assert {"component-samples.png", "latent-components.png", "manifold.png"} <= figures
+
+    result = invoke("evaluate", run, "--iw", 10, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "eval-test-iw10.json").read_text())
+    assert summary["num_images"] == 40 and summary["elbo"]["mean"] <= summary["log_px"]["mean"]
+
+    result = invoke("cluster", run, "--samples", 20, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    clusters = json.loads((run / "clusters-test.json").read_text())
+    assignment = np.load(run / "clusters-test.npz")["assignment"]
+    assert clusters["components"] == 3 and sum(clusters["sizes"]) == 40 == len(assignment)
+    assert 0.25 <= clusters["accuracy"] <= 1 and "clustering accuracy" in result.output
+
+    for figure in (run / "figures").iterdir():
+        figure.unlink()
+    result = invoke("plot", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (run / "figures" / "latent-components.png").is_file()
+
+    result = invoke("fit", "gmvae", "--dataset", data, "--objective", "meanfield", *FAST)
+    assert_clean_error(result, "gmvae cannot be trained with --objective meanfield", "enum")
+
+
+def test_cluster_needs_a_mixture_model(trained):
+    assert_clean_error(invoke("cluster", trained, "--device", "cpu"), "vae run", "gmvae")

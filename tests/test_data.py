@@ -62,3 +62,23 @@ def test_array_splits_and_threshold(tmp_path):
     np.save(tmp_path / "u8.npy", (x * 255).astype(np.uint8))
     ds = load_dataset(str(tmp_path / "u8.npy"), binarize="dynamic")
     assert ds.splits["train"].max() <= 1.0
+
+
+def test_npz_labels_follow_their_images_into_the_validation_split(tmp_path):
+    x = (np.arange(50)[:, None] * np.ones((1, 4)) % 2).astype(np.float32)  # row i is all (i % 2)
+    path = tmp_path / "l.npz"
+    np.savez(path, x=x, labels=np.arange(50) % 2)
+    ds = load_dataset(str(path), valid_fraction=0.2)
+    for split in ("train", "valid"):
+        assert torch.equal(ds.labels[split].float(), ds.split(split)[:, 0])
+    assert len(ds.labels["valid"]) == 10
+
+
+@pytest.mark.parametrize("labels, fragment", [(np.arange(49), "50 integer class labels"),
+                                              (np.full(50, 0.5), "integer"),
+                                              (-np.ones(50, dtype=int), "negative")])
+def test_malformed_labels_are_refused(tmp_path, labels, fragment):
+    path = tmp_path / "l.npz"
+    np.savez(path, train=np.zeros((50, 4), np.float32), train_labels=labels)
+    with pytest.raises(DataError, match=fragment):
+        load_dataset(str(path))

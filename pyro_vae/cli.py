@@ -98,6 +98,10 @@ _FIELD_HELP = {
     "learn_weights": "learn the mixture weights (else uniform)",
     "learn_prior": "learn the component means and scales",
     "init_spread": "standard deviation of the initial component means",
+    "classifier_hidden": "hidden layer sizes of the classifier q(y|x), comma separated",
+    "classes": "number of classes of the label y",
+    "labels": "labelled training images, the same number per class (the rest unlabelled)",
+    "aux_weight": "weight of the classification loss -log q(y|x) on labelled images",
 }
 
 
@@ -197,11 +201,13 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
     run = load_run(run_dir, checkpoint, device)
     dev = next(run.model.parameters()).device
-    x = run.train.load_data(data_dir, download).eval_data(split)
+    data = run.train.load_data(data_dir, download)
+    x = data.eval_data(split)
     index = torch.arange(x.shape[0])
     if limit is not None and limit < x.shape[0]:
         index = random_rows(x.shape[0], limit, seed)
     x = x[index].to(dev)
+    labels = data.labels[split][index] if split in data.labels else None
     torch.manual_seed(seed)
     start = time.perf_counter()
     with click.progressbar(length=x.shape[0], label=f"log p(x), K={iw}", file=sys.stderr) as bar:
@@ -210,10 +216,13 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
     seconds = time.perf_counter() - start
     summary = {"run": str(run.dir.path), "model": run.model_name, "checkpoint": checkpoint,
                "split": split, "seed": seed, "seconds": seconds, "device": str(dev),
-               **est.summary()}
+               **est.summary(), **run.model.metrics(x, labels)}
     name = f"eval-{split}-iw{iw}" + (f"-n{len(index)}" if limit else "")
     out = Path(output) if output else run.dir.path / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "calibration" in summary:
+        plots.reliability_diagram(summary["calibration"], out.with_name(out.stem + "-reliability.png"),
+                                  title=f"{split}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}")
     out.write_text(json.dumps(summary, indent=2) + "\n")
     np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
                         log_px=est.log_px.numpy(), log_px_se=est.log_px_se.numpy(),
@@ -236,6 +245,9 @@ def format_summary(s: dict[str, Any]) -> str:
     for label, st in rows:
         lines.append(f"{label:<18}{fmt(st['mean'], digits=2)}{fmt(st['mc_se'])}{fmt(st['data_se'])}")
     lines.append(f"{'NLL':<18}{fmt(-s['log_px']['mean'], digits=2)}")
+    for key in ("accuracy", "error", "ece"):
+        if key in s:
+            lines.append(f"{'classifier ' + key:<18}{fmt(s[key], digits=4)}")
     return "\n".join(lines)
 
 
@@ -243,21 +255,29 @@ def format_summary(s: dict[str, Any]) -> str:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-n", "--num", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--binary", is_flag=True, help="draw 0/1 pixels instead of showing probabilities")
+@click.option("--by-class", is_flag=True, help="models with a label: NUM samples of each class, rows = classes")
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/samples.png)")
 @click.option("--device", default="auto", show_default=True)
-def sample(run_dir: str, num: int, binary: bool, checkpoint: str, seed: int, output: str | None,
-           device: str) -> None:
+def sample(run_dir: str, num: int, binary: bool, by_class: bool, checkpoint: str, seed: int,
+           output: str | None, device: str) -> None:
     """Draw images from a trained model: a PNG grid and the raw array (.npy)."""
     run = load_run(run_dir, checkpoint, device)
     torch.manual_seed(seed)
-    images = run.model.sample(num, binary=binary).cpu()
+    if by_class:
+        if not hasattr(run.model, "sample_by_class"):
+            raise ConfigError(f"{run_dir} is a {run.model_name} run, which has no label to sample by (ssvae has)")
+        images = run.model.sample_by_class(num)
+        images = (torch.bernoulli(images) if binary else images).cpu()
+    else:
+        images = run.model.sample(num, binary=binary).cpu()
     out = Path(output) if output else run.dir.path / "samples.png"
     np.save(out.with_suffix(".npy"), images.numpy())
     shape = run.data_info.get("image_shape")
     if shape:
-        plots.image_grid(images, shape, out, title=f"{num} samples")
+        title = f"{num} samples of each class (rows)" if by_class else f"{num} samples"
+        plots.image_grid(images, shape, out, title=title, ncol=num if by_class else None)
         click.echo(f"wrote {out} and {out.with_suffix('.npy')}")
     else:
         click.echo(f"wrote {out.with_suffix('.npy')} (the data has no image shape to plot)")

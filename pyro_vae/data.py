@@ -59,36 +59,38 @@ class Dataset:
 
     def eval_data(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """One split binarized once with a fixed seed: the data every evaluation scores."""
-        x = self.split(name)
+        gen = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED + _SPLIT_IDS[name])
+        return self.binarized(self.split(name), gen).to(device)
+
+    def binarized(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``x`` as the decoder sees it under this dataset's binarization (a draw from
+        ``gen`` when dynamic)."""
         if self.binarize == "dynamic":
-            gen = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED + _SPLIT_IDS[name])
-            x = torch.bernoulli(x, generator=gen)
-        elif self.binarize == "threshold":
-            x = (x > 0.5).float()
-        return x.to(device)
+            return torch.bernoulli(x, generator=gen)
+        if self.binarize == "threshold":
+            return (x > 0.5).float()
+        return x
 
     def train_batches(
         self, batch_size: int, epoch: int, seed: int, device: torch.device | str = "cpu",
-        start: int = 0,
+        start: int = 0, rows: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Shuffled training batches of one epoch, from batch index ``start`` on.
+        """Shuffled training batches of one epoch (of the training ``rows`` only, if
+        given), from batch index ``start`` on.
 
         Order and binarization depend only on (seed, epoch), so a run resumed mid-epoch
         sees exactly the batches it would have seen."""
-        x = self.splits["train"]
+        x = self.splits["train"] if rows is None else self.splits["train"][rows]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(x.shape[0], generator=gen)
-        if self.binarize == "dynamic":
-            x = torch.bernoulli(x, generator=gen)
-        elif self.binarize == "threshold":
-            x = (x > 0.5).float()
-        x = x[perm].to(device)
+        x = self.binarized(x, gen)[perm].to(device)
         for i in range(start * batch_size, x.shape[0], batch_size):
             yield x[i : i + batch_size]
 
-    def num_batches(self, batch_size: int) -> int:
+    def num_batches(self, batch_size: int, rows: torch.Tensor | None = None) -> int:
         """Batches in one training epoch (the last one may be smaller)."""
-        return -(-self.splits["train"].shape[0] // batch_size)
+        n = self.splits["train"].shape[0] if rows is None else len(rows)
+        return -(-n // batch_size)
 
 
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
@@ -98,6 +100,22 @@ def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
     """Indices of ``min(n, total)`` distinct rows drawn with a fixed seed: the way to take
     part of a split, whose files can be sorted by class."""
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> torch.Tensor:
+    """Indices of ``n`` items, ``n / classes`` of each class, drawn with a fixed seed
+    (sorted). The semi-supervised setting of Kingma et al. 2014: 100 labels = 10 a digit."""
+    if n % classes:
+        raise DataError(f"--labels {n} cannot be split evenly over {classes} classes")
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < n // classes:
+            raise DataError(f"class {c} has {len(members)} training items; {n // classes} are needed "
+                            f"for --labels {n}")
+        picked.append(members[torch.randperm(len(members), generator=gen)[: n // classes]])
+    return torch.cat(picked).sort().values
 
 
 def default_data_dir() -> Path:

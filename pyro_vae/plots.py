@@ -120,3 +120,26 @@ def latent_scatter(points: torch.Tensor, panels: Sequence[tuple[str, torch.Tenso
         ax.set_xlabel(f"{label} 1")
         ax.set_ylabel(f"{label} 2")
     return _save(fig, path)
+
+
+def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    """Accuracy against confidence per confidence bin (equal widths on [0, 1]); a
+    calibrated classifier lies on the diagonal. Empty bins are left out."""
+    n = len(bins["count"])
+    edges = np.linspace(0, 1, n + 1)
+    used = np.asarray(bins["count"]) > 0
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1][used], np.asarray(bins["accuracy"])[used], width=1 / n, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot(np.asarray(bins["confidence"])[used], np.asarray(bins["accuracy"])[used], "o", ms=3,
+            color="black", label="mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    ax.set_xlabel("confidence (max class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

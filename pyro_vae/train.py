@@ -177,6 +177,7 @@ def fit(
     data = train.load_data(data_dir, download)
     pyro.set_rng_seed(train.seed)  # before the weights are initialised
     model = build_model(model_name, data.x_dim, model_config)
+    model.check_data(data, train.seed)
     config = {
         "model": model_name,
         "model_config": model_config,
@@ -232,16 +233,16 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     objective = make_objective(train.objective, train.particles)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
-    steps_per_epoch = data.num_batches(train.batch_size)
+    steps_per_epoch = model.steps_per_epoch(data, train.batch_size)
     warmup_steps = train.kl_warmup * steps_per_epoch
     # the same random images at every epoch
     rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
     train_eval, valid_eval = (data.eval_data(name)[rows[name]].to(device) for name in ("train", "valid"))
-    valid_labels = data.labels["valid"][rows["valid"]] if "valid" in data.labels else None
+    valid_labels = data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None
     image_shape = tuple(config["data"]["image_shape"] or ()) or None
 
     if state is None:
-        model.init_from_data(data.split("train"))
+        model.init_from_data(data, train.seed)
         state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "history": []}
         _sample_figure(model, run, image_shape, train.seed, device, 0)
     else:
@@ -266,18 +267,18 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     def train_steps(interrupted: threading.Event) -> float:
         """The rest of the current epoch's steps (until Ctrl-C); returns the last KL weight."""
         kl_weight = train.beta
-        batches = data.train_batches(train.batch_size, pos["epoch"], train.seed, device, start=pos["batch"])
+        batches = model.training_batches(data, train.batch_size, pos["epoch"], train.seed, device, start=pos["batch"])
         bar = click.progressbar(length=steps_per_epoch - pos["batch"], file=sys.stderr,
                                 label=f"epoch {pos['epoch'] + 1}/{train.epochs}")
         with bar if progress else contextlib.nullcontext():
-            for x in batches:
+            for batch in batches:
                 if warmup_steps:
                     kl_weight = train.beta * min(1.0, (pos["step"] + 1) / warmup_steps)
                 # Pyro's and torch's argument checks cost time on every step: they run on
                 # the first step of each session only, to catch a malformed model early.
                 with pyro.validation_enabled(pos["step"] == state["step"]):
-                    loss = objective.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
-                value = loss.item() / x.shape[0]
+                    loss = model.training_loss(objective, batch, kl_weight)
+                value = loss.item() / batch[0].shape[0]
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"the loss became {value} at epoch {pos['epoch'] + 1}, batch {pos['batch'] + 1}; "
@@ -315,6 +316,8 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
                     "train_loss": pos["loss_sum"] / pos["batch"],
                     "train_bound": objective_bound(objective, model, train_eval),
                     "valid_bound": objective_bound(objective, model, valid_eval),
+                    **{f"valid_{k}": v for k, v in model.metrics(valid_eval, valid_labels).items()
+                       if isinstance(v, (int, float))},
                     "kl_weight": kl_weight,
                     "lr": lr,
                     "seconds": time.perf_counter() - start_time,

@@ -18,19 +18,30 @@ def _validation_and_seed():
     pyro.enable_validation(False)
 
 
-def make_binary_images(n: int, side: int = 8, seed: int = 0) -> np.ndarray:
-    """Noisy copies of four random prototypes: binary data with structure a VAE can learn."""
+def make_binary_images(n: int, side: int = 8, seed: int = 0, with_labels: bool = False):
+    """Noisy copies of four random prototypes: binary data with structure a VAE can learn
+    (and, if asked, each image's prototype as its class label)."""
     rng = np.random.default_rng(seed)
     protos = rng.random((4, side, side)) < 0.4
     which = rng.integers(0, 4, n)
     flips = rng.random((n, side, side)) < 0.05
-    return (protos[which] ^ flips).astype(np.float32)
+    images = (protos[which] ^ flips).astype(np.float32)
+    return (images, which) if with_labels else images
 
 
 @pytest.fixture
 def tiny_npy(tmp_path) -> Path:
     path = tmp_path / "tiny.npy"
     np.save(path, make_binary_images(200))
+    return path
+
+
+@pytest.fixture
+def tiny_labelled(tmp_path) -> Path:
+    """The tiny images with their classes: train (200) and test (40) splits."""
+    images, labels = make_binary_images(240, seed=1, with_labels=True)
+    path = tmp_path / "labelled.npz"
+    np.savez(path, train=images[:200], train_labels=labels[:200], test=images[200:], test_labels=labels[200:])
     return path
 
 

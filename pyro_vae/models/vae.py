@@ -18,10 +18,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
-
 from .. import plots
 from ..nets import BernoulliDecoder, GaussianEncoder
+from .base import Family
 
 
 @dataclass
@@ -33,7 +32,7 @@ class VAEConfig:
     activation: str = "tanh"
 
 
-class VAE(PyroModule):
+class VAE(Family):
     """Standard-normal prior, Bernoulli decoder, diagonal Gaussian guide."""
 
     Config = VAEConfig
@@ -69,10 +68,6 @@ class VAE(PyroModule):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation before training (decoder output bias)."""
-        self.decoder.init_output_bias(x.float().mean(0).to(self.decoder.net[-1].bias.device))
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Location and scale of q(z | x)."""
@@ -96,9 +91,7 @@ class VAE(PyroModule):
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:
-        """Figures particular to this family, drawn at the end of training and by
-        ``pyro-vae plot``: the latent manifold when z has two dimensions. ``x`` and
-        ``labels`` are validation images and their classes (None when unknown)."""
+        """The latent manifold when z has two dimensions."""
         if self.config.z_dim != 2:
             return []
         return [plots.latent_manifold(self, image_shape, directory / "manifold.png")]

@@ -1,0 +1,240 @@
+"""The semi-supervised VAE of Kingma et al. 2014 (M2) as one Pyro model/guide pair.
+
+    y ~ Categorical(uniform),   z ~ N(0, I),   x | y, z ~ Bernoulli(logits = decoder(y, z))
+    q(y | x) = Categorical(classifier(x)),   q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
+
+For a labelled image, y is passed in and observed in the model (the guide does not sample
+it). For an unlabelled one, the guide marks y for parallel enumeration, so
+``TraceEnum_ELBO`` gives sum_y q(y|x) [ELBO(x, y)] + H(q(y|x)) exactly, with one draw of z
+per label. The classifier also gets the auxiliary loss aux_weight * -log q(y | x) on
+labelled images (the paper's alpha term; without it q(y | x) learns little).
+
+A training step pairs a batch of unlabelled images with a batch of the labelled ones,
+which cycle in a fresh order each epoch: with 100 labels and batches of 100 every epoch
+sees each labelled image once per step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch.nn import functional as F
+
+from .. import plots
+from ..data import Dataset, balanced_subset
+from ..errors import ConfigError, DataError
+from ..nets import BernoulliDecoder, GaussianEncoder, mlp
+from .base import Family
+
+CALIBRATION_BINS = 15
+
+
+@dataclass
+class SSVAEConfig:
+    """Networks of M2 (one hidden layer of 500 softplus units, as in Kingma et al. 2014 and
+    Pyro's example), the number of classes, and the semi-supervised setting."""
+
+    z_dim: int = 50
+    hidden: tuple[int, ...] = (500,)
+    classifier_hidden: tuple[int, ...] = (500,)
+    activation: str = "softplus"
+    classes: int = 10
+    labels: int = 100  # labelled training images, the same number from each class
+    aux_weight: float = 50.0  # weight of -log q(y | x) on labelled images
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate the last dimensions of ``a`` and ``b`` after broadcasting the others
+    (an enumerated label has shape (classes, 1, ...) against a batch of inputs)."""
+    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], -1)
+
+
+class SSVAE(Family):
+    """Semi-supervised VAE (M2): the label observed where known, enumerated where not."""
+
+    Config = SSVAEConfig
+    default_objective = "enum"
+    objectives = ("enum",)
+
+    def __init__(self, x_dim: int, config: SSVAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or SSVAEConfig()
+        if config.classes < 2:
+            raise ConfigError(f"--classes must be at least 2, got {config.classes}")
+        if config.labels < config.classes:
+            raise ConfigError(f"--labels must be at least --classes ({config.classes}), got {config.labels}")
+        if config.aux_weight < 0:
+            raise ConfigError(f"--aux-weight must be non-negative, got {config.aux_weight}")
+        self.x_dim = x_dim
+        self.classifier = mlp([x_dim, *config.classifier_hidden, config.classes], config.activation)
+        self.encoder = GaussianEncoder(x_dim + config.classes, config.hidden, config.z_dim, config.activation)
+        self.decoder = BernoulliDecoder(config.z_dim + config.classes, tuple(reversed(config.hidden)),
+                                        x_dim, config.activation)
+        # which training images are labelled: chosen by init_from_data, saved with the weights
+        self.register_buffer("labelled", torch.zeros(config.labels, dtype=torch.long))
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.config.classes).to(self.decoder.net[0].weight.dtype)
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
+        batch = x.shape[0]
+        zeros = self.decoder.net[0].weight.new_zeros(batch, self.config.z_dim)
+        with pyro.plate("data", batch):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
+            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
+            logits = self.decoder(_cat(z, self._onehot(y)))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """q(y | x) (enumerated when y is not given) and q(z | x, y)."""
+        with pyro.plate("data", x.shape[0]):
+            if y is None:
+                y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
+                                infer={"enumerate": "parallel"})
+            loc, scale = self.encoder(_cat(x, self._onehot(y)))
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # --- training: labelled and unlabelled batches side by side --------------------------
+
+    def check_data(self, data: Dataset, seed: int) -> None:
+        """Labels must exist, fit in ``classes``, and allow a balanced labelled subset."""
+        if "train" not in data.labels:
+            raise DataError(f"{data.name} has no class labels; the SSVAE needs them (use mnist, or an "
+                            ".npz with train_labels)")
+        if int(data.labels["train"].max()) >= self.config.classes:
+            raise ConfigError(f"the labels go up to {int(data.labels['train'].max())} but --classes is "
+                              f"{self.config.classes}")
+        balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed)
+
+    def init_from_data(self, data: Dataset, seed: int) -> None:
+        """Output bias, and the class-balanced labelled subset of the training split."""
+        super().init_from_data(data, seed)
+        self.labelled.copy_(balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed))
+
+    def _unlabelled_rows(self, data: Dataset) -> torch.Tensor:
+        keep = torch.ones(data.split("train").shape[0], dtype=torch.bool)
+        keep[self.labelled.cpu()] = False
+        return keep.nonzero().flatten()
+
+    def steps_per_epoch(self, data: Dataset, batch_size: int) -> int:
+        return data.num_batches(batch_size, rows=self._unlabelled_rows(data))
+
+    def training_batches(self, data: Dataset, batch_size: int, epoch: int, seed: int,
+                         device: torch.device, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(unlabelled x, labelled x, their labels) per step."""
+        labelled = self.labelled.cpu()
+        steps = self.steps_per_epoch(data, batch_size)
+        size = min(batch_size, len(labelled))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 777_767)  # a stream of its own
+        x_l = data.binarized(data.split("train")[labelled], gen).to(device)
+        y_l = data.labels["train"][labelled].to(device)
+        passes = -(-steps * size // len(labelled))
+        order = torch.cat([torch.randperm(len(labelled), generator=gen) for _ in range(passes)]).to(device)
+        unlabelled = data.train_batches(batch_size, epoch, seed, device, start, rows=self._unlabelled_rows(data))
+        for step, x_u in enumerate(unlabelled, start):
+            rows = order[step * size : (step + 1) * size]
+            yield x_u, x_l[rows], y_l[rows]
+
+    def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
+        """Unlabelled ELBO (y enumerated) + labelled ELBO (y observed) + aux_weight * cross-entropy."""
+        x_u, x_l, y_l = batch
+        loss = objective.differentiable_loss(self.model, self.guide, x_u, kl_weight=kl_weight)
+        with warnings.catch_warnings():  # a labelled batch has nothing to enumerate, by design
+            warnings.filterwarnings("ignore", message=".*found no sample sites configured for enumeration")
+            loss = loss + objective.differentiable_loss(self.model, self.guide, x_l, y_l, kl_weight=kl_weight)
+        return loss + self.config.aux_weight * F.cross_entropy(self.classifier(x_l), y_l, reduction="sum")
+
+    # --- read-outs ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y | x): class probabilities, shape (batch, classes)."""
+        return torch.softmax(self.classifier(x), -1)
+
+    def metrics(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        """Accuracy, error and expected calibration error of q(y | x), with the reliability bins."""
+        if labels is None:
+            return {}
+        probs = torch.cat([self.classify(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+        return calibration(probs, labels.to(probs.device))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Bernoulli means p(x = 1 | y, z)."""
+        return torch.sigmoid(self.decoder(_cat(z, self._onehot(y))))
+
+    @torch.no_grad()
+    def sample(self, n: int, binary: bool = False) -> torch.Tensor:
+        """``n`` draws from the model (uniform label): pixel probabilities or 0/1 images."""
+        device = self.decoder.net[0].weight.device
+        y = torch.randint(self.config.classes, (n,), device=device)
+        probs = self.decode(torch.randn(n, self.config.z_dim, device=device), y)
+        return torch.bernoulli(probs) if binary else probs
+
+    @torch.no_grad()
+    def sample_by_class(self, n: int) -> torch.Tensor:
+        """``n`` samples of each class, rows = classes, the same n draws of z in every row
+        (so a column shows one style across the classes): shape (classes * n, x_dim)."""
+        device = self.decoder.net[0].weight.device
+        z = torch.randn(n, self.config.z_dim, device=device).repeat(self.config.classes, 1)
+        y = torch.arange(self.config.classes, device=device).repeat_interleave(n)
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def style_transfer(self, x: torch.Tensor) -> torch.Tensor:
+        """Each input beside its style decoded with every label: z is the mean of
+        q(z | x, y) at the classifier's label. Shape (batch * (1 + classes), x_dim)."""
+        y = self.classify(x).argmax(-1)
+        z = self.encoder(_cat(x, self._onehot(y)))[0]
+        classes = torch.arange(self.config.classes, device=x.device)
+        decoded = self.decode(z.repeat_interleave(self.config.classes, 0), classes.repeat(len(x)))
+        return torch.cat([x.unsqueeze(1), decoded.view(len(x), self.config.classes, -1)], 1).flatten(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the mean of q(z | x, y) at the classifier's label."""
+        y = self.classify(x).argmax(-1)
+        return self.decode(self.encoder(_cat(x, self._onehot(y)))[0], y)
+
+    def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
+                directory: Path) -> list[Path]:
+        """Samples by class, style transfer and (with labels) the reliability diagram."""
+        written = [
+            plots.image_grid(self.sample_by_class(10), image_shape, directory / "samples-by-class.png",
+                             title="samples by class (rows), one z per column", ncol=10),
+            plots.image_grid(self.style_transfer(x[:10]), image_shape, directory / "style-transfer.png",
+                             title="input, then its z decoded with each label", ncol=1 + self.config.classes),
+        ]
+        if labels is not None:
+            scores = self.metrics(x, labels)
+            written.append(plots.reliability_diagram(scores["calibration"], directory / "reliability.png",
+                                                     title=f"validation: accuracy {scores['accuracy']:.4f}, "
+                                                           f"ECE {scores['ece']:.4f}"))
+        return written
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Accuracy, error, and the expected calibration error (Guo et al. 2017): predictions
+    binned by confidence into ``bins`` equal-width bins, ECE = sum_b n_b/N |acc_b - conf_b|."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).float()
+    which = (confidence * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(which, minlength=bins).float()
+    acc = torch.bincount(which, weights=correct, minlength=bins) / count.clamp(min=1)
+    conf = torch.bincount(which, weights=confidence, minlength=bins) / count.clamp(min=1)
+    ece = ((count / len(labels)) * (acc - conf).abs()).sum().item()
+    accuracy = correct.mean().item()
+    return {"accuracy": accuracy, "error": 1 - accuracy, "ece": ece,
+            "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}}

@@ -329,8 +329,10 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
             if row["valid_bound"] > best:
                 best = row["valid_bound"]
                 run.save_checkpoint({"model": model.state_dict(), "epoch": pos["epoch"]}, "best.pt")
+            scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
+                             if k.startswith("valid_") and k != "valid_bound")
             log(f"epoch {row['epoch']}/{train.epochs}  train {row['train_bound']:.2f}  "
-                f"valid {row['valid_bound']:.2f} nats/image  ({row['seconds']:.1f} s)")
+                f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
             plots.bound_curves(history, run.figures / "curves.png", title=run.path.name)
             if row["epoch"] in (train.epochs // 2, train.epochs):
                 _sample_figure(model, run, image_shape, train.seed, device, row["epoch"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from click.core import ParameterSource
 
 from . import plots
-from .bounds import estimate_bounds
+from .evaluation import evaluate_run, split_data
 from .data import BINARIZATIONS, load_dataset, random_rows
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
@@ -200,23 +199,11 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
              download: bool) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
     run = load_run(run_dir, checkpoint, device)
-    dev = next(run.model.parameters()).device
-    data = run.train.load_data(data_dir, download)
-    x = data.eval_data(split)
-    index = torch.arange(x.shape[0])
-    if limit is not None and limit < x.shape[0]:
-        index = random_rows(x.shape[0], limit, seed)
-    x = x[index].to(dev)
-    labels = data.labels[split][index] if split in data.labels else None
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    with click.progressbar(length=x.shape[0], label=f"log p(x), K={iw}", file=sys.stderr) as bar:
-        est = estimate_bounds(run.model.model, run.model.guide, x, iw, batch_size=batch_size,
-                              max_rows=max_rows, progress=bar.update)
-    seconds = time.perf_counter() - start
-    summary = {"run": str(run.dir.path), "model": run.model_name, "checkpoint": checkpoint,
-               "split": split, "seed": seed, "seconds": seconds, "device": str(dev),
-               **est.summary(), **run.model.metrics(x, labels)}
+    x, labels, index = split_data(run, split, limit, seed, data_dir, download)
+    with click.progressbar(length=len(x), label=f"log p(x), K={iw}", file=sys.stderr) as bar:
+        summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size,
+                                    max_rows=max_rows, progress=bar.update)
+    summary.update(checkpoint=checkpoint, split=split)
     name = f"eval-{split}-iw{iw}" + (f"-n{len(index)}" if limit else "")
     out = Path(output) if output else run.dir.path / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,15 +333,10 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
     if not hasattr(run.model, "assign"):
         raise ConfigError(f"{run_dir} is a {run.model_name} run; clustering needs a model with "
                           "mixture components (gmvae)")
-    data = run.train.load_data(data_dir, download)
-    x = data.eval_data(split)
-    index = torch.arange(x.shape[0])
-    if limit is not None and limit < x.shape[0]:
-        index = random_rows(x.shape[0], limit, seed)
+    x, labels, index = split_data(run, split, limit, seed, data_dir, download)
     torch.manual_seed(seed)
-    assignment = run.model.assign(x[index].to(next(run.model.parameters()).device), samples).cpu()
+    assignment = run.model.assign(x, samples).cpu()
     sizes = torch.bincount(assignment, minlength=run.model.config.components)
-    labels = data.labels[split][index] if split in data.labels else None
     summary = {"run": str(run.dir.path), "checkpoint": checkpoint, "split": split, "seed": seed,
                "num_images": len(index), "samples": samples, "components": len(sizes),
                "used_components": int((sizes > 0).sum()),

@@ -1,0 +1,48 @@
+"""Scoring a trained run: the bounds on log p(x) of a data split, and the family's own
+metrics. Shared by ``pyro-vae evaluate``, ``pyro-vae cluster`` and the experiments."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bounds import BoundEstimates, estimate_bounds
+from .data import random_rows
+from .train import Run
+
+
+def split_data(run: Run, split: str = "test", limit: int | None = None, seed: int = 0,
+               data_dir: str | Path | None = None, download: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A split of the run's dataset as evaluation sees it (binarized once with a fixed
+    seed), on the model's device: ``(x, labels or None, row indices)``. ``limit`` takes
+    that many rows at random (seeded), since some split files are sorted by class."""
+    data = run.train.load_data(data_dir, download)
+    x = data.eval_data(split)
+    index = torch.arange(x.shape[0])
+    if limit is not None and limit < x.shape[0]:
+        index = random_rows(x.shape[0], limit, seed)
+    labels = data.labels[split][index] if split in data.labels else None
+    return x[index].to(next(run.model.parameters()).device), labels, index
+
+
+def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_particles: int, *,
+                 seed: int = 0, ks: Sequence[int] | None = None, batch_size: int = 100,
+                 max_rows: int = 2_000, progress: Callable[[int], None] | None = None
+                 ) -> tuple[dict[str, Any], BoundEstimates]:
+    """ELBO, IWAE-k sweep and log p(x) with ``num_particles`` importance samples for every
+    row of ``x`` (from ``split_data``), plus the family's metrics (e.g. accuracy, when
+    ``labels`` are given). Returns the summary (as written to JSON) and the per-image
+    estimates."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    est = estimate_bounds(run.model.model, run.model.guide, x, num_particles, ks=ks,
+                          batch_size=batch_size, max_rows=max_rows, progress=progress)
+    summary = {"run": str(run.dir.path), "model": run.model_name, "seed": seed,
+               "seconds": time.perf_counter() - start, "device": str(x.device),
+               **est.summary(), **run.model.metrics(x, labels)}
+    return summary, est

@@ -5,7 +5,7 @@ import numpy as np
 import pyro
 import pytest
 
-from pyro_vae.data import default_data_dir  # importing pyro_vae sets module_local_params
+from pyro_vae.data import default_data_dir, toy_binary_images  # importing pyro_vae sets module_local_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,14 +19,9 @@ def _validation_and_seed():
 
 
 def make_binary_images(n: int, side: int = 8, seed: int = 0, with_labels: bool = False):
-    """Noisy copies of four random prototypes: binary data with structure a VAE can learn
-    (and, if asked, each image's prototype as its class label)."""
-    rng = np.random.default_rng(seed)
-    protos = rng.random((4, side, side)) < 0.4
-    which = rng.integers(0, 4, n)
-    flips = rng.random((n, side, side)) < 0.05
-    images = (protos[which] ^ flips).astype(np.float32)
-    return (images, which) if with_labels else images
+    """The package's toy images (four noisy prototypes), with their labels if asked."""
+    images, labels = toy_binary_images(n, side, seed)
+    return (images, labels) if with_labels else images
 
 
 @pytest.fixture

@@ -1,0 +1,37 @@
+"""The experiments' quick modes run end to end and their outputs say what they should."""
+
+import csv
+import importlib.util
+import json
+
+from click.testing import CliRunner
+
+from conftest import REPO
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_bounds_quick(tmp_path):
+    script = load_script("compare_bounds")
+    result = CliRunner().invoke(script.main, ["--quick", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "bounds.json").read_text())
+    assert [r["model"] for r in records] == ["vae", "gmvae"]
+    for r in records:
+        ks = [int(k) for k in r["iwae"]]
+        assert ks[0] == 1 and ks[-1] == 200
+        means = [st["mean"] for st in r["iwae"].values()]
+        slack = [3 * (st["mc_se"] or 0) for st in r["iwae"].values()]
+        # ELBO <= IWAE-k <= IWAE-K, up to Monte Carlo error
+        assert all(a <= b + s for a, b, s in zip(means, means[1:], slack[1:])), means
+        assert r["iwae"]["1"]["mean"] == r["elbo"]["mean"]
+        closed = r["gap"]["closed_by_k"]
+        assert closed["1"] == 0 and abs(closed["200"] - 1) < 1e-5 and r["gap"]["log_px_minus_elbo"]["mean"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "bounds.csv")))
+    assert len(rows) == sum(len(r["iwae"]) for r in records)
+    assert (tmp_path / "bounds-vs-k.png").stat().st_size > 0

@@ -86,6 +86,7 @@ _FIELD_HELP = {
     "lr_decay": "multiply the learning rate by this after every epoch",
     "objective": "ELBO flavour (default: the model's own)",
     "particles": "samples per datapoint in the objective",
+    "alpha": "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO",
     "beta": "weight of the KL term",
     "kl_warmup": "epochs of linear KL warm-up from 0 to beta",
     "grad_clip": "clip the global gradient norm to this",

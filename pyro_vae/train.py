@@ -46,6 +46,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
     objective: str | None = None  # None: the model's default ELBO flavour
     particles: int = 1
+    alpha: float = 0.5  # the Renyi bound's alpha, for objective "renyi"
     beta: float = 1.0  # weight of the KL term (beta-VAE)
     kl_warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
     grad_clip: float | None = None  # max global gradient norm
@@ -64,6 +65,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
             (self.particles >= 1, "--particles must be at least 1"),
+            (self.objective != "renyi" or 0 < self.alpha < 1, "--alpha must lie in (0, 1) for --objective renyi"),
             (self.beta > 0, "--beta must be positive"),
             (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
@@ -230,7 +232,7 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     train = _train_config(config["train"])
     log = log or (lambda message: None)
     model.to(device)
-    objective = make_objective(train.objective, train.particles)
+    objective = make_objective(train.objective, train.particles, train.alpha)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
     steps_per_epoch = model.steps_per_epoch(data, train.batch_size)

@@ -142,7 +142,8 @@ def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("objective", ["iwae", "renyi"])
 @pytest.mark.parametrize("extra", [{"beta": 0.5}, {"kl_warmup": 2.0}])
-def test_the_iwae_objective_refuses_a_kl_weight(extra, tiny_npy, tmp_path):
+def test_importance_weighted_objectives_refuse_a_kl_weight(objective, extra, tiny_npy, tmp_path):
     with pytest.raises(ConfigError, match="importance-weighted bound.*--beta and --kl-warmup"):
-        fit("vae", SMALL, config(tiny_npy, objective="iwae", particles=5, **extra), tmp_path / "r", device="cpu")
+        fit("vae", SMALL, config(tiny_npy, objective=objective, particles=5, **extra), tmp_path / "r", device="cpu")

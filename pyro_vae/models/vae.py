@@ -37,7 +37,7 @@ class VAE(Family):
 
     Config = VAEConfig
     default_objective = "meanfield"
-    objectives = ("meanfield", "trace", "iwae")  # the flavours that train this pair
+    objectives = ("meanfield", "trace", "iwae", "renyi")  # the flavours that train this pair
 
     def __init__(self, x_dim: int, config: VAEConfig | None = None):
         super().__init__()

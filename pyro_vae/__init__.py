@@ -12,7 +12,7 @@ import pyro
 from .bounds import BoundEstimates, estimate_bounds, log_weights
 from .data import Dataset, load_dataset
 from .errors import PyroVAEError
-from .models import GMVAE, MODELS, SSVAE, VAE, GMVAEConfig, SSVAEConfig, VAEConfig, build_model
+from .models import GMVAE, IWAE, MODELS, SSVAE, VAE, GMVAEConfig, SSVAEConfig, VAEConfig, build_model
 from .objectives import OBJECTIVES, RenyiObjective, make_objective
 from .train import Run, TrainConfig, fit, load_run, resume
 
@@ -20,7 +20,7 @@ pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 __all__ = [
-    "GMVAE", "GMVAEConfig", "RenyiObjective", "MODELS", "OBJECTIVES", "SSVAE", "SSVAEConfig", "VAE", "BoundEstimates", "Dataset", "PyroVAEError", "Run",
+    "GMVAE", "GMVAEConfig", "IWAE", "RenyiObjective", "MODELS", "OBJECTIVES", "SSVAE", "SSVAEConfig", "VAE", "BoundEstimates", "Dataset", "PyroVAEError", "Run",
     "TrainConfig", "VAEConfig", "build_model", "estimate_bounds", "fit", "load_dataset",
     "load_run", "log_weights", "make_objective", "resume",
 ]

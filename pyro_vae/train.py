@@ -45,7 +45,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
     objective: str | None = None  # None: the model's default ELBO flavour
-    particles: int = 1
+    particles: int | None = None  # None: the model's default (1; 5 for the IWAE preset)
     alpha: float = 0.5  # the Renyi bound's alpha, for objective "renyi"
     beta: float = 1.0  # weight of the KL term (beta-VAE)
     kl_warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
@@ -64,7 +64,7 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
-            (self.particles >= 1, "--particles must be at least 1"),
+            (self.particles is None or self.particles >= 1, "--particles must be at least 1"),
             (self.objective != "renyi" or 0 < self.alpha < 1, "--alpha must lie in (0, 1) for --objective renyi"),
             (self.beta > 0, "--beta must be positive"),
             (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
@@ -165,9 +165,11 @@ def fit(
         model_config = dataclasses.asdict(model_config)
     model_config = dataclasses.asdict(config_from_dict(cls.Config, model_config or {}))
     train = train or TrainConfig()
-    train.check()
     if train.objective is None:
         train = dataclasses.replace(train, objective=cls.default_objective)
+    if train.particles is None:
+        train = dataclasses.replace(train, particles=cls.default_particles)
+    train.check()
     if train.objective not in cls.objectives:
         raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}; "
                           f"use one of {', '.join(cls.objectives)}")

@@ -237,3 +237,14 @@ def test_ssvae_needs_labels_and_sample_by_class_needs_a_label(tiny_npy, trained)
     assert_clean_error(invoke("fit", "ssvae", "--dataset", tiny_npy, "--classes", 4, "--labels", 8, *FAST),
                        "no class labels")
     assert_clean_error(invoke("sample", trained, "--by-class", "--device", "cpu"), "no label")
+
+
+def test_fit_iwae_is_the_vae_pair_on_the_importance_weighted_bound(tiny_npy, tmp_path):
+    result = invoke("fit", "iwae", "--dataset", tiny_npy, "--run-dir", tmp_path / "iw", *FAST)
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "iw" / "config.json").read_text())["train"]
+    assert (train["objective"], train["particles"]) == ("iwae", 5)
+    assert_clean_error(invoke("fit", "iwae", "--dataset", tiny_npy, "--kl-warmup", 3, "--run-dir", tmp_path / "no",
+                              *FAST), "--kl-warmup")
+    assert not (tmp_path / "no").exists()
+    assert "iwae objective and 5 particles" in invoke("fit", "iwae", "--help").output

@@ -9,9 +9,9 @@ from typing import Any
 from ..errors import ConfigError
 from .gmvae import GMVAE, GMVAEConfig
 from .ssvae import SSVAE, SSVAEConfig
-from .vae import VAE, VAEConfig
+from .vae import IWAE, VAE, VAEConfig
 
-MODELS: dict[str, type] = {"vae": VAE, "gmvae": GMVAE, "ssvae": SSVAE}
+MODELS: dict[str, type] = {"vae": VAE, "iwae": IWAE, "gmvae": GMVAE, "ssvae": SSVAE}
 
 
 def model_class(name: str) -> type:
@@ -43,4 +43,4 @@ def build_model(name: str, x_dim: int, config: dict[str, Any] | None = None) -> 
     return cls(x_dim, config_from_dict(cls.Config, config or {}))
 
 
-__all__ = ["GMVAE", "GMVAEConfig", "MODELS", "SSVAE", "SSVAEConfig", "VAE", "VAEConfig", "build_model", "config_from_dict", "model_class"]
+__all__ = ["GMVAE", "GMVAEConfig", "IWAE", "MODELS", "SSVAE", "SSVAEConfig", "VAE", "VAEConfig", "build_model", "config_from_dict", "model_class"]

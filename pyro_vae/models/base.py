@@ -22,6 +22,7 @@ class Family(PyroModule):
 
     Config: type
     default_objective: str
+    default_particles = 1  # samples per datapoint in the default objective
     objectives: tuple[str, ...]  # the ELBO flavours that are correct for this pair
 
     def check_data(self, data: Dataset, seed: int) -> None:

@@ -95,3 +95,11 @@ class VAE(Family):
         if self.config.z_dim != 2:
             return []
         return [plots.latent_manifold(self, image_shape, directory / "manifold.png")]
+
+
+class IWAE(VAE):
+    """The VAE pair trained on the importance-weighted bound (Burda et al. 2016)."""
+
+    default_objective = "iwae"
+    default_particles = 5
+    objectives = ("iwae", "renyi")

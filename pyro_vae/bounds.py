@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -38,6 +39,16 @@ def _site_log_prob(site: dict) -> torch.Tensor:
     # unscaled on purpose: KL annealing and subsample scales are training devices, not densities
     lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
     return scale_and_mask(lp, mask=site["mask"])
+
+
+def _detached(fn: Any) -> Any:
+    """The same distribution with its parameters cut from the graph (for DReG's log q)."""
+    if isinstance(fn, dist.Independent):
+        return _detached(fn.base_dist).to_event(fn.reinterpreted_batch_ndims)
+    params = {k: getattr(fn, k).detach() for k in fn.arg_constraints if k in fn.__dict__}
+    if not isinstance(fn, (dist.Normal, dist.LogNormal, dist.Laplace, dist.StudentT)) or not params:
+        raise ValueError(f"cannot stop the gradient of the parameters of a {type(fn).__name__} guide site")
+    return type(fn)(**params)
 
 
 def log_weights(
@@ -60,6 +71,25 @@ def log_weights(
     ``vectorize_particles=True``), so the encoder runs once per datapoint and the decoder
     once per draw; enumerated sites take the dimensions left of the particle plate.
     """
+    log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
+                                          max_plate_nesting=max_plate_nesting, **kwargs)
+    return log_w, log_lik
+
+
+def importance_traces(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    *args: Any,
+    max_plate_nesting: int = 1,
+    stop_guide_params: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace]:
+    """``log_weights`` and the guide's trace. With ``stop_guide_params`` the guide's
+    log-densities are computed with their distribution parameters detached, so that the
+    guide's parameters reach the weights only through the reparameterized draws (the
+    form that doubly reparameterized gradients need)."""
     batch = x.shape[0]
     particle_dim = -1 - max_plate_nesting
     first_enum_dim = particle_dim - 1
@@ -95,6 +125,8 @@ def log_weights(
     for site in guide_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             if "_enumerate_dim" not in site["infer"]:
+                if stop_guide_params:
+                    site = {**site, "fn": _detached(site["fn"])}
                 log_joint = log_joint - _site_log_prob(site)
 
     # sum out enumerated variables: every dimension left of (particles, data)
@@ -103,9 +135,9 @@ def log_weights(
     log_joint = log_joint.expand(shape).reshape(-1, num_particles, batch)
     log_lik = torch.as_tensor(log_lik, device=log_joint.device).expand(shape).reshape(log_joint.shape)
     if log_joint.shape[0] == 1:
-        return log_joint[0], log_lik[0]
+        return log_joint[0], log_lik[0], guide_trace
     posterior = torch.softmax(log_joint, dim=0)
-    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0)
+    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
 
 
 def _iwae_groups(log_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

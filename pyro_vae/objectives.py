@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from .bounds import log_weights
+from .bounds import importance_traces, log_weights
 from .errors import ConfigError
 
 
@@ -54,6 +55,47 @@ class RenyiObjective:
             return self.differentiable_loss(model, guide, x, *args, **kwargs).item()
 
 
+class DReGObjective(RenyiObjective):
+    """The IWAE bound with the doubly reparameterized gradient estimator of Tucker et al.
+    2018 for the guide (Pyro has none: pyro#2598).
+
+    With normalised weights w~_k and log q's parameters held fixed, the guide's gradient
+    is sum_k w~_k^2 d(log w_k)/dz_k dz_k/dphi instead of the standard estimator's
+    sum_k w~_k d(log w_k)/dphi: the same expectation, without the score-function term
+    whose variance grows with k (Rainforth et al. 2018). The model's gradient is the
+    standard one, sum_k w~_k d(log p(x, z_k))/dtheta.
+
+    One backward pass gives both: the surrogate sum_k w~_k log w_k (weights detached, log q
+    with detached parameters) has the model's gradient, and a hook on each draw z_k scales
+    the gradient flowing back into the guide by w~_k once more. The value is the IWAE
+    bound. Guides that enumerate (the SSVAE's) are refused: their weights mix draws.
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1):
+        super().__init__(num_particles, 0.0, max_plate_nesting)
+
+    def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        log_w, _, guide_trace = importance_traces(model, guide, x, self.num_particles, *args,
+                                                  max_plate_nesting=self.max_plate_nesting,
+                                                  stop_guide_params=True, **kwargs)
+        weights = torch.softmax(log_w, 0).detach()  # (particles, batch)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            if "_enumerate_dim" in site["infer"] or not site["fn"].has_rsample:
+                raise ConfigError(f"the dreg objective needs reparameterized, non-enumerated guide "
+                                  f"sites; {name!r} is not")
+            z = site["value"]
+            if z.requires_grad:
+                extra = z.dim() - weights.dim()
+                z.register_hook(lambda g, w=weights.reshape(weights.shape + (1,) * extra): g * w)
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
+        surrogate = (weights * log_w).sum(0)
+        # value: minus the bound; gradient: minus the surrogate's (with the hooks above)
+        return -(surrogate + (bound - surrogate).detach()).sum()
+
+
 # max_plate_nesting=1: every model keeps its latents inside one "data" plate.
 OBJECTIVES: dict[str, Callable[[int, float], ELBO | RenyiObjective]] = {
     # analytic KL where one is registered (Gaussian guide to Gaussian prior)
@@ -68,10 +110,12 @@ OBJECTIVES: dict[str, Callable[[int, float], ELBO | RenyiObjective]] = {
     "iwae": lambda k, alpha: RenyiObjective(k, 0.0),
     # the Renyi bound with k particles and alpha in (0, 1), between IWAE and the ELBO
     "renyi": lambda k, alpha: RenyiObjective(k, alpha),
+    # the IWAE bound with doubly reparameterized gradients for the guide
+    "dreg": lambda k, alpha: DReGObjective(k),
 }
 
 # objectives whose value is not a sum of per-site terms, so no site may carry a scale
-UNSCALED_OBJECTIVES = ("iwae", "renyi")
+UNSCALED_OBJECTIVES = ("iwae", "renyi", "dreg")
 
 
 def make_objective(name: str, particles: int = 1, alpha: float = 0.5) -> ELBO | RenyiObjective:

@@ -94,7 +94,7 @@ class GMVAE(VAE):
 
     Config = GMVAEConfig
     default_objective = "enum"
-    objectives = ("enum", "iwae", "renyi")
+    objectives = ("enum", "iwae", "renyi", "dreg")
 
     def __init__(self, x_dim: int, config: GMVAEConfig | None = None):
         config = config or GMVAEConfig()

@@ -37,7 +37,7 @@ class VAE(Family):
 
     Config = VAEConfig
     default_objective = "meanfield"
-    objectives = ("meanfield", "trace", "iwae", "renyi")  # the flavours that train this pair
+    objectives = ("meanfield", "trace", "iwae", "renyi", "dreg")  # the flavours that train this pair
 
     def __init__(self, x_dim: int, config: VAEConfig | None = None):
         super().__init__()
@@ -102,4 +102,4 @@ class IWAE(VAE):
 
     default_objective = "iwae"
     default_particles = 5
-    objectives = ("iwae", "renyi")
+    objectives = ("iwae", "dreg", "renyi")

@@ -35,3 +35,20 @@ def test_compare_bounds_quick(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "bounds.csv")))
     assert len(rows) == sum(len(r["iwae"]) for r in records)
     assert (tmp_path / "bounds-vs-k.png").stat().st_size > 0
+
+
+def test_compare_elbos_quick(tmp_path):
+    script = load_script("compare_elbos")
+    result = CliRunner().invoke(script.main, ["--quick", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "elbos.json").read_text())
+    assert [r["flavour"] for r in records] == ["meanfield", "trace", "iwae", "dreg", "renyi"]
+    for r in records:
+        assert r["test_elbo"]["mean"] <= r["test_log_px"]["mean"]
+        assert 0 <= r["active_units"] <= r["z_dim"] == 2
+        assert r["snr_encoder"] > 0 and r["snr_decoder"] > 0
+        assert r["decoder_evaluations"] == 3 * 180 * r["particles"]
+        assert [h["epoch"] for h in r["history"]] == [1, 2, 3]
+    assert {r["particles"] for r in records} == {1, 5}
+    assert len(list(csv.DictReader(open(tmp_path / "elbos.csv")))) == 5
+    assert (tmp_path / "elbos.png").stat().st_size > 0

@@ -71,7 +71,8 @@ def test_dreg_is_unbiased_for_the_iwae_gradient_and_steadier_for_the_guide():
     se = torch.sqrt(std_draws.var(0) / n + dreg_draws.var(0) / n)
     z = (std_draws.mean(0) - dreg_draws.mean(0)) / se
     assert z.abs().max() < 4.5, z  # 28 guide-parameter elements, independent draws
-    assert dreg_draws.var(0).sum() < 0.5 * std_draws.var(0).sum()
+    # lower variance by more than the noise of the variance estimates (about 13% each from 120 draws)
+    assert dreg_draws.var(0).sum() < 0.75 * std_draws.var(0).sum()
 
 
 def test_dreg_refuses_an_enumerating_guide():

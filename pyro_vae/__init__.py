@@ -20,7 +20,8 @@ pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 __all__ = [
-    "GMVAE", "GMVAEConfig", "IWAE", "RenyiObjective", "MODELS", "OBJECTIVES", "SSVAE", "SSVAEConfig", "VAE", "BoundEstimates", "Dataset", "PyroVAEError", "Run",
-    "TrainConfig", "VAEConfig", "build_model", "estimate_bounds", "fit", "load_dataset",
-    "load_run", "log_weights", "make_objective", "resume",
+    "BoundEstimates", "build_model", "Dataset", "estimate_bounds", "fit", "GMVAE",
+    "GMVAEConfig", "IWAE", "load_dataset", "load_run", "log_weights", "make_objective",
+    "MODELS", "OBJECTIVES", "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE",
+    "SSVAEConfig", "TrainConfig", "VAE", "VAEConfig",
 ]

@@ -52,3 +52,11 @@ def test_compare_elbos_quick(tmp_path):
     assert {r["particles"] for r in records} == {1, 5}
     assert len(list(csv.DictReader(open(tmp_path / "elbos.csv")))) == 5
     assert (tmp_path / "elbos.png").stat().st_size > 0
+
+
+def test_step_times_runs():
+    script = load_script("step_times")
+    result = CliRunner().invoke(script.main, ["--batch", "4", "--rounds", "1", "--steps", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == len(script.PAIRS) and all(line.rstrip().endswith("x the first") for line in lines)

@@ -9,10 +9,10 @@ For each datapoint x and K draws z_k ~ q(z | x),
 
 Pyro's ``Importance`` and ``vectorized_importance_weights`` give one weight per particle
 for the whole batch; here the particles are a plate of their own and nothing is summed
-over the data plate, so every weight belongs to one datapoint. Sites marked for parallel enumeration are summed
-out exactly inside each weight: their log-densities broadcast along extra left dimensions,
-and a logsumexp over those dimensions marginalises them before any average over K. A
-site enumerated in the guide contributes its model prior and no guide density, which
+over the data plate, so every weight belongs to one datapoint. Sites marked for parallel
+enumeration are summed out exactly inside each weight: their log-densities broadcast
+along extra left dimensions, and a logsumexp over those dimensions marginalises them
+before any average over K. A site enumerated in the guide contributes its model prior and no guide density, which
 makes w_k = sum_y p(x, y, z_k^y) / q(z_k^y | x, y), still unbiased for p(x).
 
 Every latent must live inside the model's data plate (no global latent variables).
@@ -45,10 +45,9 @@ def _detached(fn: Any) -> Any:
     """The same distribution with its parameters cut from the graph (for DReG's log q)."""
     if isinstance(fn, dist.Independent):
         return _detached(fn.base_dist).to_event(fn.reinterpreted_batch_ndims)
-    params = {k: getattr(fn, k).detach() for k in fn.arg_constraints if k in fn.__dict__}
-    if not isinstance(fn, (dist.Normal, dist.LogNormal, dist.Laplace, dist.StudentT)) or not params:
+    if not isinstance(fn, (dist.Normal, dist.LogNormal, dist.Laplace, dist.StudentT)):
         raise ValueError(f"cannot stop the gradient of the parameters of a {type(fn).__name__} guide site")
-    return type(fn)(**params)
+    return type(fn)(**{k: getattr(fn, k).detach() for k in fn.arg_constraints if k in fn.__dict__})
 
 
 def log_weights(

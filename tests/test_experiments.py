@@ -60,3 +60,15 @@ def test_step_times_runs():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) == len(script.PAIRS) and all(line.rstrip().endswith("x the first") for line in lines)
+
+
+def test_profile_evaluation_runs(tiny_labelled, tmp_path):
+    from pyro_vae import TrainConfig, fit
+
+    train = TrainConfig(dataset=str(tiny_labelled), epochs=1, batch_size=20, eval_size=50)
+    fit("gmvae", {"z_dim": 2, "hidden": (8,), "components": 3}, train, tmp_path / "gm", device="cpu")
+    script = load_script("profile_evaluation")
+    result = CliRunner().invoke(script.main, [str(tmp_path / "gm"), "--particles", "4", "--batch", "10"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "log_weights, 4 particles x 10 images" in result.output and "aten::" in result.output

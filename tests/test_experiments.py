@@ -4,7 +4,10 @@ import csv
 import importlib.util
 import json
 
+import torch
 from click.testing import CliRunner
+
+from pyro_vae import build_model, make_objective
 
 from conftest import REPO
 
@@ -54,21 +57,29 @@ def test_compare_elbos_quick(tmp_path):
     assert (tmp_path / "elbos.png").stat().st_size > 0
 
 
-def test_step_times_runs():
-    script = load_script("step_times")
-    result = CliRunner().invoke(script.main, ["--batch", "4", "--rounds", "1", "--steps", "1"], catch_exceptions=False)
+def test_benchmark_yardsticks_compute_our_losses():
+    """Each plain PyTorch step computes the same loss as our Pyro objective, draw for draw."""
+    script = load_script("benchmark")
+    x = torch.bernoulli(torch.full((7, 784), 0.3))
+    for pair in script.step_pairs(quick=False):
+        name, config = pair["model"]
+        model = build_model(name, 784, config)
+        objective = make_objective(*pair["objective"])
+        torch.manual_seed(1)
+        ours = objective.differentiable_loss(model.model, model.guide, x)
+        torch.manual_seed(1)
+        plain = pair["plain"](model, x)
+        assert torch.allclose(ours, plain, rtol=1e-5), (pair["name"], ours.item(), plain.item())
+
+
+def test_benchmark_quick(tmp_path):
+    script = load_script("benchmark")
+    result = CliRunner().invoke(script.main, ["--quick", "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert len(lines) == len(script.PAIRS) and all(line.rstrip().endswith("x the first") for line in lines)
-
-
-def test_profile_evaluation_runs(tiny_labelled, tmp_path):
-    from pyro_vae import TrainConfig, fit
-
-    train = TrainConfig(dataset=str(tiny_labelled), epochs=1, batch_size=20, eval_size=50)
-    fit("gmvae", {"z_dim": 2, "hidden": (8,), "components": 3}, train, tmp_path / "gm", device="cpu")
-    script = load_script("profile_evaluation")
-    result = CliRunner().invoke(script.main, [str(tmp_path / "gm"), "--particles", "4", "--batch", "10"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "log_weights, 4 particles x 10 images" in result.output and "aten::" in result.output
+    record = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [s["name"].split()[0] for s in record["step"]] == ["VAE", "GMVAE", "SSVAE"]
+    assert all(s["ours_ms"] > 0 and s["plain_ms"] > 0 for s in record["step"])
+    assert record["eval"]["rate"] > 0 and record["eval"]["matmul_rate"] > 0
+    assert set(record["eval"]["peak_memory_mb"]) == {"0", "50", "500"}
+    assert record["epoch"]["steps"] == 4 and record["epoch"]["steps_seconds"] > 0 and record["epoch"]["epoch_seconds"] > 0
+    assert "| step: VAE meanfield" in (tmp_path / "benchmark.md").read_text()

@@ -1,0 +1,327 @@
+"""The performance benchmark: our training steps and evaluator against hand-written plain
+PyTorch yardsticks and the machine's own matmul rate, measured side by side in one run.
+
+    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--out DIR]
+
+1. step: one training step (loss, backward, Adam) of each model/objective pair against a
+   plain PyTorch step of the same networks and the same math, written below. Pairs run in
+   interleaved rounds (machine noise hits both alike); medians after a warm-up round.
+2. eval: log p(x) with K importance samples on the test set, in images x particles per
+   second, against the matmul-bound rate: the decoder's dense matmuls alone, timed on
+   the same shapes; peak memory of K=5000 and K=50000 evaluations in fresh processes.
+3. epoch: one epoch of ``fit`` on statically binarized MNIST, with the shares spent on
+   the training steps, on producing the batches, and on the end-of-epoch monitoring.
+
+Writes benchmark.json and benchmark.md (the README's table) into --out. ``--quick`` uses
+random weights on toy data and few repeats: a smoke test, not a measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyro
+import torch
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective
+from pyro_vae.data import toy_binary_images
+
+VAE_NETS = {"784-200-200-50 tanh": {}, "784-400-20 tanh": {"hidden": (400,), "z_dim": 20}}
+
+
+# --- plain PyTorch yardsticks: the same math as the Pyro objectives, written by hand ------
+
+def _gaussian_draws(model: Any, x: torch.Tensor, k: int | None) -> tuple[torch.Tensor, ...]:
+    loc, scale = model.encoder(x)
+    eps = torch.randn((k, *loc.shape) if k else loc.shape, device=x.device)
+    return loc, scale, loc + scale * eps
+
+
+def _bernoulli_log_lik(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def plain_meanfield(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Negative ELBO, analytic KL to N(0, I), one draw: summed over the batch."""
+    loc, scale, z = _gaussian_draws(model, x, None)
+    kl = 0.5 * (loc ** 2 + scale ** 2 - 1).sum(-1) - scale.log().sum(-1)
+    return -(_bernoulli_log_lik(model.decoder(z), x) - kl).sum()
+
+
+def plain_iwae(k: int) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """Negative IWAE-k bound summed over the batch."""
+    def loss(model: Any, x: torch.Tensor) -> torch.Tensor:
+        loc, scale, z = _gaussian_draws(model, x, k)
+        log_w = (_bernoulli_log_lik(model.decoder(z), x) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+                 - Normal(loc, scale).log_prob(z).sum(-1))
+        return -(torch.logsumexp(log_w, 0) - math.log(k)).sum()
+    return loss
+
+
+def plain_gmvae(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Negative ELBO with the mixture prior's component summed out, Monte Carlo KL."""
+    loc, scale, z = _gaussian_draws(model, x, None)
+    prior = model.mixture
+    log_pz = torch.logsumexp(torch.log_softmax(prior.logits, -1)
+                             + Normal(prior.loc, prior.scale).log_prob(z.unsqueeze(-2)).sum(-1), -1)
+    return -(_bernoulli_log_lik(model.decoder(z), x) + log_pz - Normal(loc, scale).log_prob(z).sum(-1)).sum()
+
+
+def plain_ssvae_unlabelled(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Negative unlabelled M2 bound: sum_y q(y|x) ELBO(x, y) + H(q(y|x)), y enumerated by
+    hand, one draw of z per label, Monte Carlo KL for z (as TraceEnum_ELBO computes it)."""
+    c = model.config.classes
+    log_q = torch.log_softmax(model.classifier(x), -1)  # (B, C)
+    onehot = torch.eye(c, device=x.device).unsqueeze(1).expand(c, x.shape[0], c)
+    xy = torch.cat([x.expand(c, *x.shape), onehot], -1)
+    loc, scale, z = _gaussian_draws(model, xy, None)
+    logits = model.decoder(torch.cat([z, onehot], -1))
+    elbo_y = (_bernoulli_log_lik(logits, x) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+              - Normal(loc, scale).log_prob(z).sum(-1) - math.log(c))  # (C, B)
+    q = log_q.exp().T
+    return -((q * (elbo_y - log_q.T)).sum(0)).sum()
+
+
+def step_pairs(quick: bool) -> list[dict[str, Any]]:
+    """(label, model, our objective, plain loss) for the step benchmark."""
+    pairs = []
+    for net, config in VAE_NETS.items():
+        pairs.append({"name": f"VAE meanfield, {net}", "model": ("vae", config), "objective": ("meanfield", 1),
+                      "plain": plain_meanfield})
+    for k in (5, 50):
+        pairs.append({"name": f"IWAE k={k}, 784-200-200-50 tanh", "model": ("vae", {}), "objective": ("iwae", k),
+                      "plain": plain_iwae(k)})
+    pairs.append({"name": "GMVAE enum, 10 components", "model": ("gmvae", {}), "objective": ("enum", 1),
+                  "plain": plain_gmvae})
+    pairs.append({"name": "SSVAE unlabelled, y enumerated", "model": ("ssvae", {}), "objective": ("enum", 1),
+                  "plain": plain_ssvae_unlabelled})
+    return pairs[:1] + pairs[4:] if quick else pairs
+
+
+def _timed_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, sync: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    loss = loss_fn()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo: Callable[[str], None]) -> list[dict]:
+    """Median step time of ours and of the plain step for every pair, interleaved rounds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((100, 784), 0.2, device=device))
+    entries = []
+    for pair in step_pairs(quick):
+        name, config = pair["model"]
+        ours = build_model(name, 784, config).to(device)
+        plain = copy.deepcopy(ours)
+        objective = make_objective(*pair["objective"])
+        entries.append({
+            "pair": pair,
+            "ours": (lambda m=ours, o=objective: o.differentiable_loss(m.model, m.guide, x),
+                     torch.optim.Adam(ours.parameters(), lr=1e-4)),
+            "plain": (lambda m=plain, f=pair["plain"]: f(m, x), torch.optim.Adam(plain.parameters(), lr=1e-4)),
+            "times": {"ours": [], "plain": []},
+        })
+    with pyro.validation_enabled(False), torch.autograd.set_detect_anomaly(False):
+        for r in range(rounds + 1):  # round 0 warms up
+            for entry in entries:
+                for side in ("ours", "plain"):
+                    for _ in range(steps):
+                        t = _timed_step(*entry[side], sync)
+                        if r:
+                            entry["times"][side].append(t)
+    results = []
+    for entry in entries:
+        ours, plain = (statistics.median(entry["times"][s]) for s in ("ours", "plain"))
+        results.append({"name": entry["pair"]["name"], "ours_ms": 1e3 * ours, "plain_ms": 1e3 * plain,
+                        "ratio": ours / plain, "repeats": len(entry["times"]["ours"])})
+        echo(f"step  {entry['pair']['name']:40} ours {1e3 * ours:7.2f} ms  plain {1e3 * plain:7.2f} ms  "
+             f"ratio {ours / plain:.2f}")
+    return results
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+def decoder_flops(model: Any) -> int:
+    """Multiply-adds x 2 of the decoder's linear layers for one (image, particle) pair."""
+    return sum(2 * m.in_features * m.out_features for m in model.decoder.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_rate(model: Any, device: torch.device, rows: int, repeats: int) -> float:
+    """(image, particle) pairs per second that the decoder's matmuls alone allow: the
+    layers' weight shapes multiplied on ``rows`` random inputs, median of ``repeats``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    weights = [m.weight.detach().T.contiguous() for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, w.shape[0], device=device) for w in weights]
+    times = []
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            for a, w in zip(inputs, weights):
+                a @ w
+            sync()
+            if r:
+                times.append(time.perf_counter() - start)
+    return rows / statistics.median(times)
+
+
+def peak_memory_mb(particles: int, images: int, device: str) -> float:
+    """Peak resident memory (CPU) or peak allocated GPU memory of a fresh process that
+    evaluates ``images`` test images with ``particles`` importance samples."""
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", str(particles), "--probe-images",
+                          str(images), "--device", device], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(particles: int, images: int, device: torch.device) -> None:
+    model = build_model("vae", 784, {}).to(device)
+    x = torch.bernoulli(torch.full((images, 784), 0.2, device=device))
+    if particles:  # 0: the process's own footprint, for reference
+        estimate_bounds(model.model, model.guide, x, particles)
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2 ** 20)
+    else:  # ru_maxrss is in kilobytes on Linux
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_eval(device: torch.device, x: torch.Tensor, particles: int, memory_images: int,
+               memory_particles: tuple[int, ...], echo: Callable[[str], None]) -> dict[str, Any]:
+    """Our estimator's rate on ``x`` against the matmul-bound rate, and peak memory."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = build_model("vae", 784, {}).to(device)
+    bound = matmul_rate(model, device, rows=2000, repeats=20)  # before: the machine as the run finds it
+    sync()
+    start = time.perf_counter()
+    estimate_bounds(model.model, model.guide, x, particles)
+    sync()
+    seconds = time.perf_counter() - start
+    bound = max(bound, matmul_rate(model, device, rows=2000, repeats=20))  # and after
+    rate = x.shape[0] * particles / seconds
+    result = {"images": x.shape[0], "particles": particles, "seconds": seconds, "rate": rate,
+              "matmul_rate": bound, "share_of_matmul_rate": rate / bound,
+              "decoder_flops_per_pair": decoder_flops(model),
+              "peak_memory_mb": {str(k): peak_memory_mb(k, memory_images, device.type) for k in (0, *memory_particles)}}
+    echo(f"eval  {x.shape[0]} images x K={particles}: {seconds:.1f} s, {rate:,.0f} pairs/s; matmul bound "
+         f"{bound:,.0f} pairs/s ({rate / bound:.0%}); peak memory "
+         + ", ".join(f"K={k}: {v:.0f} MB" for k, v in result["peak_memory_mb"].items()) + " (K=0: no evaluation)")
+    return result
+
+
+# --- epoch ----------------------------------------------------------------------------------
+
+def bench_epoch(device: torch.device, dataset: str, data_dir: str | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    """One epoch of ``fit`` for the VAE; then, on the same model and data, the batches alone
+    and the steps alone on batches made beforehand: what is left is the loop's overhead."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train = TrainConfig(dataset=dataset, epochs=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run = fit("vae", {}, train, Path(tmp) / "run", data_dir=data_dir, device=device.type, download=False)
+        wall = time.perf_counter() - start
+    epoch = run.history[0]["seconds"]
+    model, data = run.model, train.load_data(data_dir, download=False)
+    start = time.perf_counter()
+    batches = list(model.training_batches(data, train.batch_size, 1, train.seed, device))
+    sync()
+    data_seconds = time.perf_counter() - start
+    objective = make_objective("meanfield", 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    with pyro.validation_enabled(False):
+        start = time.perf_counter()
+        for batch in batches:
+            _timed_step(lambda b=batch: model.training_loss(objective, b, 1.0), optimizer, lambda: None)
+        sync()
+        step_seconds = time.perf_counter() - start
+    result = {"dataset": Path(dataset).name, "steps": len(batches), "epoch_seconds": epoch, "fit_wall_seconds": wall,
+              "steps_seconds": step_seconds, "batches_seconds": data_seconds,
+              "outside_steps_share": 1 - step_seconds / epoch, "batches_share": data_seconds / epoch}
+    echo(f"epoch {dataset}: {epoch:.2f} s ({len(batches)} steps alone {step_seconds:.2f} s, batches alone "
+         f"{data_seconds:.3f} s); outside the steps {result['outside_steps_share']:.1%}, batches "
+         f"{result['batches_share']:.1%}")
+    return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's performance table."""
+    lines = ["| measurement | ours | yardstick | ratio |", "| --- | ---: | ---: | ---: |"]
+    for s in results["step"]:
+        lines.append(f"| step: {s['name']} | {s['ours_ms']:.2f} ms | {s['plain_ms']:.2f} ms plain | {s['ratio']:.2f}x |")
+    e = results["eval"]
+    lines.append(f"| log p(x), {e['images']} images x K={e['particles']} | {e['rate']:,.0f} pairs/s "
+                 f"({e['seconds']:.1f} s) | {e['matmul_rate']:,.0f} pairs/s matmul bound | "
+                 f"{e['share_of_matmul_rate']:.0%} |")
+    base = e["peak_memory_mb"]["0"]
+    for k, mb in e["peak_memory_mb"].items():
+        if k != "0":
+            lines.append(f"| peak memory, K={k} | {mb:,.0f} MB | {base:,.0f} MB without evaluating | |")
+    p = results["epoch"]
+    lines.append(f"| epoch of {p['dataset']} ({p['steps']} steps) | {p['epoch_seconds']:.2f} s | "
+                 f"{p['steps_seconds']:.2f} s steps alone | {p['outside_steps_share']:.1%} outside the steps "
+                 f"({p['batches_share']:.1%} batches) |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="toy data, random weights, few repeats: a smoke test")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--rounds", default=10, show_default=True, help="interleaved rounds of the step benchmark")
+@click.option("--steps", default=5, show_default=True, help="timed steps per pair and round")
+@click.option("--iw", "particles", default=5000, show_default=True, help="importance samples of the evaluation")
+@click.option("--data-dir", default=None, help="dataset folder (default: $PYRO_VAE_DATA)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("experiments/results/benchmark"),
+              show_default=True)
+@click.option("--memory-probe", type=int, default=None, hidden=True)
+@click.option("--probe-images", type=int, default=200, hidden=True)
+def main(quick: bool, device: str, rounds: int, steps: int, particles: int, data_dir: str | None, out: Path,
+         memory_probe: int | None, probe_images: int) -> None:
+    dev = torch.device(device)
+    if memory_probe is not None:
+        _memory_probe(memory_probe, probe_images, dev)
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device here")
+    results: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "pyro": pyro.__version__,
+                               "threads": torch.get_num_threads(), "quick": quick}
+    if quick:
+        rounds, steps = 1, 2
+    results["step"] = bench_steps(dev, rounds, steps, quick, click.echo)
+    if quick:
+        x = torch.as_tensor(toy_binary_images(50, 28, 0)[0], dtype=torch.float32).reshape(50, 784).to(dev)
+        results["eval"] = bench_eval(dev, x, 50, 20, (50, 500), click.echo)
+        with tempfile.TemporaryDirectory() as tmp:
+            np_path = Path(tmp) / "toy.npy"
+            np.save(np_path, toy_binary_images(400, 28, 1)[0])
+            results["epoch"] = bench_epoch(dev, str(np_path), data_dir, click.echo)
+    else:
+        x = load_dataset("mnist", data_dir, None, download=False).eval_data("test").to(dev)
+        results["eval"] = bench_eval(dev, x, particles, 200, (5000, 50000), click.echo)
+        results["epoch"] = bench_epoch(dev, "binarized-mnist", data_dir, click.echo)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "benchmark.md").write_text(markdown(results))
+    click.echo(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()

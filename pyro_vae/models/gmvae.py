@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from .. import plots
 from ..errors import ConfigError
+from ..nets import BernoulliImage
 from .vae import VAE, VAEConfig
 
 
@@ -120,7 +121,7 @@ class GMVAE(VAE):
                                 infer={"enumerate": "parallel"})
                 z = pyro.sample("z", dist.Normal(self.mixture.loc[y], self.mixture.scale[y]).to_event(1))
             logits = self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            pyro.sample("x", BernoulliImage(logits), obs=x)
 
     def marginal_model(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """The same model with y summed out inside the prior (no discrete site)."""
@@ -137,7 +138,7 @@ class GMVAE(VAE):
         loc, scale = self.encoder(x)
         q = dist.Normal(loc, scale)
         z = q.sample((num_samples,))
-        log_lik = dist.Bernoulli(logits=self.decoder(z)).log_prob(x).sum(-1)
+        log_lik = BernoulliImage(self.decoder(z)).log_prob(x)
         log_w = log_lik - q.log_prob(z).sum(-1)
         scores = torch.logsumexp(log_w.unsqueeze(-1) + self.mixture.log_joint(z), 0)
         return torch.softmax(scores, -1)

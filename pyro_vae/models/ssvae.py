@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from .. import plots
 from ..data import Dataset, balanced_subset
 from ..errors import ConfigError, DataError
-from ..nets import BernoulliDecoder, GaussianEncoder, mlp
+from ..nets import BernoulliDecoder, BernoulliImage, GaussianEncoder, mlp
 from .base import Family
 
 CALIBRATION_BINS = 15
@@ -94,7 +94,7 @@ class SSVAE(Family):
                 z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
             y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
             logits = self.decoder(_cat(z, self._onehot(y)))
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            pyro.sample("x", BernoulliImage(logits), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
         """q(y | x) (enumerated when y is not given) and q(z | x, y)."""

@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from .. import plots
-from ..nets import BernoulliDecoder, GaussianEncoder
+from ..nets import BernoulliDecoder, BernoulliImage, GaussianEncoder
 from .base import Family
 
 
@@ -59,7 +59,7 @@ class VAE(Family):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior(x.shape[0]))
             logits = self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            pyro.sample("x", BernoulliImage(logits), obs=x)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """Amortized posterior q(z | x)."""

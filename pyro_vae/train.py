@@ -310,6 +310,7 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
             kl_weight = train_steps(interrupted)
             if interrupted.is_set():
                 break
+            steps_seconds = time.perf_counter() - start_time
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             model.eval()
@@ -324,7 +325,8 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
                        if isinstance(v, (int, float))},
                     "kl_weight": kl_weight,
                     "lr": lr,
-                    "seconds": time.perf_counter() - start_time,
+                    "seconds": time.perf_counter() - start_time,  # the steps and the scores above
+                    "steps_seconds": steps_seconds,
                 }
             history.append(row)
             pos.update(epoch=pos["epoch"] + 1, batch=0, loss_sum=0.0)

@@ -21,7 +21,8 @@ X_DIM, C = 10, 3
 @pytest.fixture
 def ssvae():
     torch.manual_seed(2)
-    model = SSVAE(X_DIM, SSVAEConfig(z_dim=2, hidden=(8,), classifier_hidden=(8,), classes=C, labels=C))
+    model = SSVAE(X_DIM, SSVAEConfig(z_dim=2, hidden=(8,), classifier_hidden=(8,), activation="softplus",
+                                     classes=C, labels=C))
     x = torch.bernoulli(torch.full((5, X_DIM), 0.4))
     return model, x
 
@@ -101,14 +102,16 @@ def test_training_batches_pair_unlabelled_with_cycled_labelled_images(tiny_label
     batches = list(model.training_batches(data, 20, epoch=0, seed=0, device="cpu"))
     assert len(batches) == model.steps_per_epoch(data, 20) == math.ceil((180 - 8) / 20)
     assert sum(len(b[0]) for b in batches) == 172
-    for x_u, x_l, y_l in batches:
+    for x_u, x_l, y_l, share in batches:
         assert len(x_l) == 8 and torch.equal(y_l.sort().values, torch.arange(4).repeat_interleave(2))
+        assert share == pytest.approx(8 * len(x_u) / (172 * 8))  # each labelled image weighs one per epoch
     # the labelled images are exactly those of the chosen rows, and none of them is in the unlabelled stream
     train = data.split("train")
     assert all(any(torch.equal(row, train[i]) for i in labelled) for row in batches[0][1])
     # resuming at a step gives the same batches from there on
     again = list(model.training_batches(data, 20, epoch=0, seed=0, device="cpu", start=3))
-    assert all(torch.equal(a, b) for pa, pb in zip(batches[3:], again) for a, b in zip(pa, pb))
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+               for pa, pb in zip(batches[3:], again) for a, b in zip(pa, pb))
 
 
 def test_calibration_matches_a_hand_computation():

@@ -11,7 +11,11 @@ labelled images (the paper's alpha term; without it q(y | x) learns little).
 
 A training step pairs a batch of unlabelled images with a batch of the labelled ones,
 which cycle in a fresh order each epoch: with 100 labels and batches of 100 every epoch
-sees each labelled image once per step.
+sees each labelled image once per step. The step estimates M2's objective over the
+training set, sum of labelled ELBOs + sum of unlabelled bounds, so the labelled batch's
+ELBO is scaled by its share: (labelled images / unlabelled images) x (unlabelled batch /
+labelled batch). Without that scale, 100 labelled images seen 500 times an epoch would
+weigh as much in the ELBO as the 59,900 others.
 """
 
 from __future__ import annotations
@@ -39,16 +43,22 @@ CALIBRATION_BINS = 15
 
 @dataclass
 class SSVAEConfig:
-    """Networks of M2 (one hidden layer of 500 softplus units, as in Kingma et al. 2014 and
-    Pyro's example), the number of classes, and the semi-supervised setting."""
+    """Networks, classes and the semi-supervised setting of M2.
 
-    z_dim: int = 50
-    hidden: tuple[int, ...] = (500,)
-    classifier_hidden: tuple[int, ...] = (500,)
-    activation: str = "softplus"
+    Defaults are the course reference's (z of 64, two layers of 300 ELU units in every
+    network, cross-entropy weighted 100 per labelled image against 1 per unlabelled image).
+    Kingma et al.'s one layer of 500 softplus units with weight 50 lost accuracy as it
+    trained here (71% on validation after one epoch, 66% after six, 100 labels); these
+    networks gained steadily (78% after one epoch, 85% after fifteen, in a trial without
+    the labelled ELBO, which its data share below makes almost negligible)."""
+
+    z_dim: int = 64
+    hidden: tuple[int, ...] = (300, 300)
+    classifier_hidden: tuple[int, ...] = (300, 300)
+    activation: str = "elu"
     classes: int = 10
     labels: int = 100  # labelled training images, the same number from each class
-    aux_weight: float = 50.0  # weight of -log q(y | x) on labelled images
+    aux_weight: float = 100.0  # weight of -log q(y | x) per labelled image in a step
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -133,8 +143,9 @@ class SSVAE(Family):
 
     def training_batches(self, data: Dataset, batch_size: int, epoch: int, seed: int,
                          device: torch.device, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(unlabelled x, labelled x, their labels) per step."""
+        """(unlabelled x, labelled x, their labels, the labelled ELBO's scale) per step."""
         labelled = self.labelled.cpu()
+        unlabelled_count = len(self._unlabelled_rows(data))
         steps = self.steps_per_epoch(data, batch_size)
         size = min(batch_size, len(labelled))
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 777_767)  # a stream of its own
@@ -145,15 +156,16 @@ class SSVAE(Family):
         unlabelled = data.train_batches(batch_size, epoch, seed, device, start, rows=self._unlabelled_rows(data))
         for step, x_u in enumerate(unlabelled, start):
             rows = order[step * size : (step + 1) * size]
-            yield x_u, x_l[rows], y_l[rows]
+            yield x_u, x_l[rows], y_l[rows], len(labelled) * len(x_u) / (unlabelled_count * len(rows))
 
     def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
-        """Unlabelled ELBO (y enumerated) + labelled ELBO (y observed) + aux_weight * cross-entropy."""
-        x_u, x_l, y_l = batch
+        """Unlabelled ELBO (y enumerated) + the labelled ELBO (y observed) at its data share
+        + aux_weight * cross-entropy."""
+        x_u, x_l, y_l, share = batch
         loss = objective.differentiable_loss(self.model, self.guide, x_u, kl_weight=kl_weight)
         with warnings.catch_warnings():  # a labelled batch has nothing to enumerate, by design
             warnings.filterwarnings("ignore", message=".*found no sample sites configured for enumeration")
-            loss = loss + objective.differentiable_loss(self.model, self.guide, x_l, y_l, kl_weight=kl_weight)
+            loss = loss + share * objective.differentiable_loss(self.model, self.guide, x_l, y_l, kl_weight=kl_weight)
         return loss + self.config.aux_weight * F.cross_entropy(self.classifier(x_l), y_l, reduction="sum")
 
     # --- read-outs ------------------------------------------------------------------------

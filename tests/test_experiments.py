@@ -83,3 +83,28 @@ def test_benchmark_quick(tmp_path):
     assert set(record["eval"]["peak_memory_mb"]) == {"0", "50", "500"}
     assert record["epoch"]["steps"] == 4 and record["epoch"]["steps_seconds"] > 0 and record["epoch"]["epoch_seconds"] > 0
     assert "| step: VAE meanfield" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_ssvae_draws_summarizes_evaluated_runs(tiny_labelled, tmp_path):
+    from pyro_vae.cli import main as cli
+
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"ss{seed}"
+        fit_args = ["fit", "ssvae", "--dataset", tiny_labelled, "--labels", 8, "--classes", 4, "--z-dim", 2,
+                    "--hidden", 8, "--classifier-hidden", 8, "--epochs", 1, "--batch-size", 50,
+                    "--eval-size", 20, "--seed", seed, "--run-dir", run, "-q"]
+        for args in (fit_args, ["evaluate", run, "--iw", 4, "--data-dir", tmp_path]):
+            result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        runs.append(run)
+    script = load_script("ssvae_draws")
+    out = tmp_path / "draws.json"
+    result = CliRunner().invoke(script.main, [*map(str, runs), "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    accuracies = [json.loads(next(r.glob("eval-test-iw4.json")).read_text())["accuracy"] for r in runs]
+    assert [r["accuracy"] for r in record["runs"]] == accuracies and [r["seed"] for r in record["runs"]] == [0, 1]
+    assert record["accuracy"]["mean"] == sum(accuracies) / 2
+    missing = CliRunner().invoke(script.main, [str(tmp_path)])
+    assert missing.exit_code != 0 and "pyro-vae evaluate" in missing.output

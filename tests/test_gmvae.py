@@ -169,3 +169,31 @@ def test_bad_mixture_configs_are_refused(config, match):
     from pyro_vae.errors import ConfigError
     with pytest.raises(ConfigError, match=match):
         GMVAE(X_DIM, GMVAEConfig(**config))
+
+
+def test_component_normal_is_the_gathered_diagonal_normal():
+    from pyro_vae.models.gmvae import ComponentNormal
+
+    torch.manual_seed(0)
+    C, D = 7, 3
+    loc = (2 * torch.randn(C, D)).requires_grad_()
+    scale = (0.1 + torch.rand(C, D)).requires_grad_()
+    cases = [
+        (torch.arange(C).view(C, 1, 1), torch.randn(4, 5, D)),  # enumerated: (C, 1, 1) against (K, B, D)
+        (torch.randint(C, (5,)), torch.randn(5, D)),  # sampled: one component per image
+    ]
+    for y, z in cases:
+        z.requires_grad_()
+        ours = ComponentNormal(loc, scale, y).log_prob(z)
+        ref = dist.Normal(loc[y], scale[y]).to_event(1).log_prob(z)
+        assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-4)
+        grads = torch.autograd.grad(ours.sum(), (loc, scale, z))
+        ref_grads = torch.autograd.grad(ref.sum(), (loc, scale, z))
+        assert all(torch.allclose(a, b, atol=1e-3, rtol=1e-4) for a, b in zip(grads, ref_grads))
+    # far from the origin with small scales (|m/s| = 500), where an expanded square in float32 cancels
+    loc_far, scale_far = torch.full((1, 10), 5.0), torch.full((1, 10), 0.01)
+    z_far = loc_far + 0.01 * torch.randn(6, 10)
+    exact = dist.Normal(loc_far.double(), scale_far.double()).log_prob(z_far.double()).sum(-1)
+    ours = ComponentNormal(loc_far, scale_far, torch.zeros(6, dtype=torch.long)).log_prob(z_far)
+    assert torch.allclose(ours.double(), exact, atol=1e-4)
+    assert ComponentNormal(loc, scale, torch.arange(C).view(C, 1)).expand((C, 5)).sample().shape == (C, 5, D)

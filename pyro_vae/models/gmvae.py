@@ -42,6 +42,53 @@ class GMVAEConfig(VAEConfig):
     init_spread: float = 0.3  # standard deviation of the initial component means
 
 
+def diag_normal_table(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(z; loc_c, diag scale_c^2) for every row c of ``loc`` and ``scale`` (C, D), as
+    matrix products: shape (*z.shape[:-1], C).
+
+        sum_d (z_d - m_cd)^2 / s_cd^2 = z^2 . (1/s_c^2) - 2 z . (m_c/s_c^2) + sum_d m_cd^2/s_cd^2
+
+    The direct form builds a (..., C, D) tensor of elementwise terms, which dominated the
+    evaluation with 500 components. The products run in float64 because the expanded
+    square cancels large terms when |m / s| is large (float32 would lose ~0.5 nats at
+    m/s = 500 in 10 dimensions)."""
+    zz, m, s = z.double(), loc.double(), scale.double()
+    inv_var = s.pow(-2)
+    const = -0.5 * (m * m * inv_var).sum(-1) - s.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+    # one product: [z^2, z, 1] against [-inv_var / 2, m * inv_var, const]
+    features = torch.cat([zz * zz, zz, torch.ones_like(zz[..., :1])], -1)
+    weights = torch.cat([-0.5 * inv_var, m * inv_var, const.unsqueeze(-1)], -1)
+    return (features @ weights.T).to(z.dtype)
+
+
+class ComponentNormal(dist.Independent):
+    """z | y ~ N(loc[y], diag scale[y]^2): the same distribution as
+    ``Normal(loc[y], scale[y]).to_event(1)``, with ``log_prob`` from ``diag_normal_table``
+    (every component scored by matrix products, then component y picked), so that an
+    enumerated y costs a (C, samples, images) gather instead of a (C, samples, images, D)
+    elementwise pass."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor):
+        super().__init__(dist.Normal(loc[y], scale[y]), 1)
+        self.table_loc, self.table_scale, self.y = loc, scale, y
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> "ComponentNormal":
+        return ComponentNormal(self.table_loc, self.table_scale, self.y.expand(batch_shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        table = diag_normal_table(value, self.table_loc, self.table_scale)  # (*value batch, C)
+        batch, y = value.shape[:-1], self.y
+        if y.dim() > len(batch) and all(n == 1 for n in y.shape[y.dim() - len(batch):]):
+            # enumerated y varies only left of the value's dimensions: pick whole slices
+            lead = y.shape[: y.dim() - len(batch)]
+            return table.movedim(-1, 0)[y.reshape(-1)].reshape(*lead, *batch)
+        shape = torch.broadcast_shapes(y.shape, batch)
+        table = table.expand(*shape, table.shape[-1])
+        return table.gather(-1, self.y.expand(shape).unsqueeze(-1)).squeeze(-1)
+
+
 class MixturePrior(nn.Module):
     """A mixture of diagonal Gaussians over R^z_dim with (optionally) learned parameters.
 
@@ -77,8 +124,7 @@ class MixturePrior(nn.Module):
 
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
         """log pi_y + log N(z; mu_y, sigma_y) for every component: shape (*z.shape[:-1], C)."""
-        component = dist.Normal(self.loc, self.scale).log_prob(z.unsqueeze(-2)).sum(-1)
-        return self.log_weights + component
+        return self.log_weights + diag_normal_table(z, self.loc, self.scale)
 
     def distribution(self, batch: int) -> dist.Distribution:
         """The marginal p(z) for ``batch`` datapoints: batch shape (batch,), event (z_dim,)."""
@@ -119,7 +165,7 @@ class GMVAE(VAE):
             with poutine.scale(scale=kl_weight):
                 y = pyro.sample("y", dist.Categorical(logits=self.mixture.log_weights.expand(batch, -1)),
                                 infer={"enumerate": "parallel"})
-                z = pyro.sample("z", dist.Normal(self.mixture.loc[y], self.mixture.scale[y]).to_event(1))
+                z = pyro.sample("z", ComponentNormal(self.mixture.loc, self.mixture.scale, y))
             logits = self.decoder(z)
             pyro.sample("x", BernoulliImage(logits), obs=x)
 

@@ -179,13 +179,16 @@ def test_component_normal_is_the_gathered_diagonal_normal():
     loc = (2 * torch.randn(C, D)).requires_grad_()
     scale = (0.1 + torch.rand(C, D)).requires_grad_()
     cases = [
-        (torch.arange(C).view(C, 1, 1), torch.randn(4, 5, D)),  # enumerated: (C, 1, 1) against (K, B, D)
-        (torch.randint(C, (5,)), torch.randn(5, D)),  # sampled: one component per image
+        (torch.arange(C).view(C, 1, 1), torch.randn(4, 5, D), None),  # enumerated: (C, 1, 1) against (K, B, D)
+        (torch.arange(C).view(C, 1), torch.randn(5, D), (C, 5)),  # as the data plate expands it in training
+        (torch.randint(C, (5,)), torch.randn(5, D), None),  # sampled: one component per image
     ]
-    for y, z in cases:
+    for y, z, shape in cases:
         z.requires_grad_()
-        ours = ComponentNormal(loc, scale, y).log_prob(z)
-        ref = dist.Normal(loc[y], scale[y]).to_event(1).log_prob(z)
+        ours, ref = ComponentNormal(loc, scale, y), dist.Normal(loc[y], scale[y]).to_event(1)
+        if shape:
+            ours, ref = ours.expand(shape), ref.expand(shape)
+        ours, ref = ours.log_prob(z), ref.log_prob(z)
         assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-4)
         grads = torch.autograd.grad(ours.sum(), (loc, scale, z))
         ref_grads = torch.autograd.grad(ref.sum(), (loc, scale, z))

@@ -65,15 +65,18 @@ class ComponentNormal(dist.Independent):
     """z | y ~ N(loc[y], diag scale[y]^2): the same distribution as
     ``Normal(loc[y], scale[y]).to_event(1)``, with ``log_prob`` from ``diag_normal_table``
     (every component scored by matrix products, then component y picked), so that an
-    enumerated y costs a (C, samples, images) gather instead of a (C, samples, images, D)
-    elementwise pass."""
+    enumerated y costs a (C, samples, images) selection instead of a
+    (C, samples, images, D) elementwise pass."""
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor):
-        super().__init__(dist.Normal(loc[y], scale[y]), 1)
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, batch_shape: Any = None):
+        base = dist.Normal(loc[y], scale[y])
+        super().__init__(base if batch_shape is None else base.expand((*batch_shape, loc.shape[-1])), 1)
         self.table_loc, self.table_scale, self.y = loc, scale, y
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> "ComponentNormal":
-        return ComponentNormal(self.table_loc, self.table_scale, self.y.expand(batch_shape))
+        # y stays unexpanded: selecting from the table by a broadcast y would make the
+        # backward pass scatter into a (batch x C) copy of the table for every component
+        return ComponentNormal(self.table_loc, self.table_scale, self.y, batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -83,10 +86,11 @@ class ComponentNormal(dist.Independent):
         if y.dim() > len(batch) and all(n == 1 for n in y.shape[y.dim() - len(batch):]):
             # enumerated y varies only left of the value's dimensions: pick whole slices
             lead = y.shape[: y.dim() - len(batch)]
-            return table.movedim(-1, 0)[y.reshape(-1)].reshape(*lead, *batch)
-        shape = torch.broadcast_shapes(y.shape, batch)
-        table = table.expand(*shape, table.shape[-1])
-        return table.gather(-1, self.y.expand(shape).unsqueeze(-1)).squeeze(-1)
+            out = table.movedim(-1, 0)[y.reshape(-1)].reshape(*lead, *batch)
+        else:
+            shape = torch.broadcast_shapes(y.shape, batch)
+            out = table.expand(*shape, table.shape[-1]).gather(-1, y.expand(shape).unsqueeze(-1)).squeeze(-1)
+        return out.expand(torch.broadcast_shapes(out.shape, self.batch_shape))
 
 
 class MixturePrior(nn.Module):

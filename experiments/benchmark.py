@@ -3,9 +3,10 @@ PyTorch yardsticks and the machine's own matmul rate, measured side by side in o
 
     python experiments/benchmark.py [--quick] [--device cpu|cuda] [--out DIR]
 
-1. step: one training step (loss, backward, Adam) of each model/objective pair against a
-   plain PyTorch step of the same networks and the same math, written below. Pairs run in
-   interleaved rounds (machine noise hits both alike); medians after a warm-up round.
+1. step: one training step (loss, backward, the loop's fused Adam) of each model/objective
+   pair against a plain PyTorch step of the same networks and the same math, written
+   below, with the same optimizer. Pairs run in interleaved rounds (machine noise hits
+   both alike); medians after a warm-up round.
 2. eval: log p(x) with K importance samples on the test set, in images x particles per
    second, against the matmul-bound rate: the decoder's dense matmuls alone, timed on
    the same shapes; peak memory of K=5000 and K=50000 evaluations in fresh processes.
@@ -39,6 +40,7 @@ from torch.nn import functional as F
 
 from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective
 from pyro_vae.data import toy_binary_images
+from pyro_vae.train import make_optimizer
 
 VAE_NETS = {"784-200-200-50 tanh": {}, "784-400-20 tanh": {"hidden": (400,), "z_dim": 20}}
 
@@ -136,8 +138,8 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
         entries.append({
             "pair": pair,
             "ours": (lambda m=ours, o=objective: o.differentiable_loss(m.model, m.guide, x),
-                     torch.optim.Adam(ours.parameters(), lr=1e-4)),
-            "plain": (lambda m=plain, f=pair["plain"]: f(m, x), torch.optim.Adam(plain.parameters(), lr=1e-4)),
+                     make_optimizer(ours.parameters(), 1e-4)),
+            "plain": (lambda m=plain, f=pair["plain"]: f(m, x), make_optimizer(plain.parameters(), 1e-4)),
             "times": {"ours": [], "plain": []},
         })
     with pyro.validation_enabled(False), torch.autograd.set_detect_anomaly(False):
@@ -246,7 +248,7 @@ def bench_epoch(device: torch.device, dataset: str, data_dir: str | None, echo: 
     sync()
     data_seconds = time.perf_counter() - start
     objective = make_objective("meanfield", 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    optimizer = make_optimizer(model.parameters(), train.lr)
     with pyro.validation_enabled(False):
         start = time.perf_counter()
         for batch in batches:

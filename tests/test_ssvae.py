@@ -4,6 +4,7 @@ calibration, and learning from a few labels."""
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -112,6 +113,30 @@ def test_training_batches_pair_unlabelled_with_cycled_labelled_images(tiny_label
     again = list(model.training_batches(data, 20, epoch=0, seed=0, device="cpu", start=3))
     assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
                for pa, pb in zip(batches[3:], again) for a, b in zip(pa, pb))
+
+
+def test_labelled_images_are_binarized_afresh_at_every_step(tmp_path):
+    # dynamically binarized images: the first 8 pixels spell the row number in binary (0 or 1,
+    # so every binarization keeps them), the other 56 are grey (probability 0.5)
+    labels = torch.arange(4).repeat(50)
+    grey = torch.full((200, 64), 0.5)
+    grey[:, :8] = (torch.arange(200)[:, None] >> torch.arange(8) & 1).float()
+    np.savez(tmp_path / "grey.npz", train=grey.numpy(), train_labels=labels.numpy())
+    data = load_dataset(str(tmp_path / "grey.npz"), binarize="dynamic", valid_fraction=0.1)
+    model = SSVAE(64, SSVAEConfig(z_dim=2, hidden=(8,), classifier_hidden=(8,), classes=4, labels=8))
+    model.init_from_data(data, seed=0)
+    batches = list(model.training_batches(data, 20, epoch=0, seed=0, device="cpu"))
+    code = 2 ** torch.arange(8.0)
+    draws = torch.stack([b[1][(b[1][:, :8] @ code).argsort()] for b in batches])  # (steps, 8, 64), by row
+    assert set(draws.unique().tolist()) == {0.0, 1.0} and (draws[:, :, :8] == draws[0, :, :8]).all()
+    # the same labelled image at consecutive steps: independent Bernoulli(0.5) grey pixels,
+    # so two visits agree on about half of them (8 steps x 8 images x 56 pixels: sd ~0.008)
+    agree = (draws[:-1, :, 8:] == draws[1:, :, 8:]).float().mean().item()
+    assert 0.4 < agree < 0.6
+    again = list(model.training_batches(data, 20, epoch=0, seed=0, device="cpu", start=4))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches[4:], again))
+    other_epoch = list(model.training_batches(data, 20, epoch=1, seed=0, device="cpu"))
+    assert not torch.equal(other_epoch[0][1], batches[0][1])
 
 
 def test_calibration_matches_a_hand_computation():

@@ -10,8 +10,9 @@ per label. The classifier also gets the auxiliary loss aux_weight * -log q(y | x
 labelled images (the paper's alpha term; without it q(y | x) learns little).
 
 A training step pairs a batch of unlabelled images with a batch of the labelled ones,
-which cycle in a fresh order each epoch: with 100 labels and batches of 100 every epoch
-sees each labelled image once per step. The step estimates M2's objective over the
+which cycle in a fresh order each epoch: with 100 labels and batches of 100 every step
+sees each labelled image, under a fresh binarization each time when the data are
+binarized dynamically. The step estimates M2's objective over the
 training set, sum of labelled ELBOs + sum of unlabelled bounds, so the labelled batch's
 ELBO is scaled by its share: (labelled images / unlabelled images) x (unlabelled batch /
 labelled batch). Without that scale, 100 labelled images seen 500 times an epoch would
@@ -148,15 +149,18 @@ class SSVAE(Family):
         unlabelled_count = len(self._unlabelled_rows(data))
         steps = self.steps_per_epoch(data, batch_size)
         size = min(batch_size, len(labelled))
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 777_767)  # a stream of its own
-        x_l = data.binarized(data.split("train")[labelled], gen).to(device)
+        stream = seed * 1_000_003 + epoch * 100_003 + 777_767  # streams of their own
+        gen = torch.Generator().manual_seed(stream)
+        x_l = data.split("train")[labelled]
         y_l = data.labels["train"][labelled].to(device)
         passes = -(-steps * size // len(labelled))
-        order = torch.cat([torch.randperm(len(labelled), generator=gen) for _ in range(passes)]).to(device)
+        order = torch.cat([torch.randperm(len(labelled), generator=gen) for _ in range(passes)])
         unlabelled = data.train_batches(batch_size, epoch, seed, device, start, rows=self._unlabelled_rows(data))
         for step, x_u in enumerate(unlabelled, start):
             rows = order[step * size : (step + 1) * size]
-            yield x_u, x_l[rows], y_l[rows], len(labelled) * len(x_u) / (unlabelled_count * len(rows))
+            # a fresh binarization at every visit, as an unlabelled image gets once an epoch
+            x = data.binarized(x_l[rows], torch.Generator().manual_seed(stream + 1 + step)).to(device)
+            yield x_u, x, y_l[rows.to(device)], len(labelled) * len(x_u) / (unlabelled_count * len(rows))
 
     def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
         """Unlabelled ELBO (y enumerated) + the labelled ELBO (y observed) at its data share

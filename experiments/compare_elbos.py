@@ -102,7 +102,7 @@ def write(records: list[dict[str, Any]], out: Path) -> list[Path]:
                         r["test_elbo"]["mean"], r["test_elbo"]["data_se"], r["test_log_px"]["mean"],
                         r["test_log_px"]["data_se"], r["active_units"], r["z_dim"], r["snr_encoder"],
                         r["snr_decoder"], r["train_seconds"]])
-    fig = Figure(figsize=(15, 4))
+    fig = Figure(figsize=(16, 4), layout="constrained")
     axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
     names = [f"{r['flavour']}" + (f" k={r['particles']}" if r["particles"] > 1 else "") for r in records]
     for r, name in zip(records, names):
@@ -112,21 +112,21 @@ def write(records: list[dict[str, Any]], out: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
     pos = np.arange(len(records))
-    axes[1].bar(pos - 0.2, [r["test_elbo"]["mean"] for r in records], 0.4, label="test ELBO")
-    axes[1].bar(pos + 0.2, [r["test_log_px"]["mean"] for r in records], 0.4, label="test log p(x)")
-    low = min(r["test_elbo"]["mean"] for r in records)
-    high = max(r["test_log_px"]["mean"] for r in records)
-    axes[1].set_ylim(low - 0.5 * (high - low) - 0.5, high + 0.2 * (high - low) + 0.5)
+    for key, label, marker in (("test_elbo", "test ELBO", "o"), ("test_log_px", "test log p(x)", "s")):
+        axes[1].errorbar(pos, [r[key]["mean"] for r in records], yerr=[r[key]["data_se"] for r in records],
+                         fmt=marker, capsize=3, label=f"{label} ± s.e.")
     axes[1].set_xticks(pos, names, rotation=20, fontsize=8)
     axes[1].set_ylabel("nats per image")
+    axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     axes[2].bar(pos - 0.2, [r["snr_encoder"] for r in records], 0.4, label="encoder")
     axes[2].bar(pos + 0.2, [r["snr_decoder"] for r in records], 0.4, label="decoder")
     axes[2].set_xticks(pos, names, rotation=20, fontsize=8)
     axes[2].set_ylabel("median gradient SNR |E g| / sd(g)")
     axes[2].set_yscale("log")
-    axes[2].legend(fontsize=8)
-    fig.savefig(out / "elbos.png", dpi=100, bbox_inches="tight")
+    axes[2].set_ylim(top=3 * max(max(r["snr_encoder"], r["snr_decoder"]) for r in records))
+    axes[2].legend(fontsize=8, ncols=2, loc="upper center")
+    fig.savefig(out / "elbos.png", dpi=100)
     return [out / "elbos.json", out / "elbos.csv", out / "elbos.png"]
 
 

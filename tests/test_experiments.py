@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -105,6 +106,8 @@ def test_ssvae_draws_summarizes_evaluated_runs(tiny_labelled, tmp_path):
     record = json.loads(out.read_text())
     accuracies = [json.loads(next(r.glob("eval-test-iw4.json")).read_text())["accuracy"] for r in runs]
     assert [r["accuracy"] for r in record["runs"]] == accuracies and [r["seed"] for r in record["runs"]] == [0, 1]
+    # these images are binary already, so the "grey" test images are the evaluated ones
+    assert [r["accuracy_grey"] for r in record["runs"]] == pytest.approx(accuracies)
     assert record["accuracy"]["mean"] == sum(accuracies) / 2
     missing = CliRunner().invoke(script.main, [str(tmp_path)])
     assert missing.exit_code != 0 and "pyro-vae evaluate" in missing.output

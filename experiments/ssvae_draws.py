@@ -23,7 +23,8 @@ import click
 
 from pyro_vae.train import load_run
 
-KEYS = ("accuracy", "error", "ece", "accuracy_grey")
+EVALUATED = ("accuracy", "error", "ece")  # read from the run's evaluation
+KEYS = (*EVALUATED, "accuracy_grey")
 
 
 def grey_accuracy(run: Path, data_dir: str | None) -> float:
@@ -44,7 +45,7 @@ def summarize(runs: list[Path], data_dir: str | None = None) -> dict:
         summary = json.loads(evals[-1].read_text())
         config = json.loads((run / "config.json").read_text())
         rows.append({"run": run.name, "seed": config["train"]["seed"], "epochs": len(
-            (run / "metrics.jsonl").read_text().splitlines()), **{k: summary[k] for k in KEYS[:-1]},
+            (run / "metrics.jsonl").read_text().splitlines()), **{k: summary[k] for k in EVALUATED},
             "accuracy_grey": grey_accuracy(run, data_dir),
             "log_px": summary["log_px"]["mean"], "num_particles": summary["num_particles"]})
     stats = {k: {"mean": statistics.mean(r[k] for r in rows),

@@ -102,6 +102,8 @@ _FIELD_HELP = {
     "classes": "number of classes of the label y",
     "labels": "labelled training images, the same number per class (the rest unlabelled)",
     "aux_weight": "weight of the classification loss -log q(y|x) on labelled images",
+    "labelled_rows": "file of the training-split rows to label (integers, or .npy), instead of "
+                     "a class-balanced draw by --seed; --labels must be their number",
 }
 
 

@@ -118,6 +118,25 @@ def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> to
     return torch.cat(picked).sort().values
 
 
+def read_rows(path: str | Path) -> torch.Tensor:
+    """Row numbers from a file: a ``.npy`` array, or text with integers separated by
+    white space or commas (``#`` starts a comment)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        values = np.load(path, allow_pickle=False).ravel()
+    else:
+        text = " ".join(line.split("#")[0] for line in path.read_text().splitlines())
+        try:
+            values = np.array([int(v) for v in text.replace(",", " ").split()], dtype=np.int64)
+        except ValueError as e:
+            raise DataError(f"{path}: expected integers separated by spaces or commas ({e})") from None
+    if not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{path}: expected integer row numbers, got {values.dtype}")
+    return torch.from_numpy(values.astype(np.int64))
+
+
 def toy_binary_images(n: int, side: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Noisy copies (5% of pixels flipped) of four random binary prototypes, and the index
     of each image's prototype as its label: a tiny dataset with structure that the models

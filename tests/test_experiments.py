@@ -111,3 +111,12 @@ def test_ssvae_draws_summarizes_evaluated_runs(tiny_labelled, tmp_path):
     assert record["accuracy"]["mean"] == sum(accuracies) / 2
     missing = CliRunner().invoke(script.main, [str(tmp_path)])
     assert missing.exit_code != 0 and "pyro-vae evaluate" in missing.output
+
+
+def test_cs236_split_maps_positions_within_each_class_to_rows():
+    script = load_script("cs236_split")
+    labels = torch.arange(70_000).remainder(10).flip(0).numpy()  # digit c at rows 9 - c, 19 - c, ...
+    rows = script.labelled_rows(labels)
+    assert len(rows) == 99 and list(rows) == sorted(set(rows))  # digit 4 names one position twice
+    for digit, positions in enumerate(script.CLASS_POSITIONS):
+        assert set(rows[labels[rows] == digit]) == {10 * p + 9 - digit for p in positions}

@@ -13,7 +13,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae import SSVAE, SSVAEConfig, TrainConfig, estimate_bounds, fit, load_dataset, resume
 from pyro_vae.data import balanced_subset
-from pyro_vae.errors import DataError
+from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.models.ssvae import calibration
 
 X_DIM, C = 10, 3
@@ -93,6 +93,31 @@ def test_balanced_subset_is_balanced_seeded_and_refuses_the_impossible():
         balanced_subset(labels, 10, 3, seed=0)
     with pytest.raises(DataError, match="class 2"):
         balanced_subset(torch.tensor([0, 0, 1, 1, 2]), 6, 3, seed=0)
+
+
+def test_labelled_rows_from_a_file_replace_the_seeded_draw(tiny_labelled, tmp_path):
+    data = load_dataset(str(tiny_labelled), valid_fraction=0.1)
+    rows = [17, 3, 150, 42, 99]
+    text = tmp_path / "rows.txt"
+    text.write_text("# a published split\n17, 3 150\n42 99  # the last\n")
+    np.save(tmp_path / "rows.npy", np.array(rows))
+
+    def chosen(path, labels=len(rows), seed=0):
+        model = SSVAE(64, SSVAEConfig(z_dim=2, hidden=(8,), classifier_hidden=(8,), classes=4,
+                                      labels=labels, labelled_rows=str(path)))
+        model.check_data(data, seed)
+        model.init_from_data(data, seed)
+        return model.labelled.tolist()
+
+    assert chosen(text) == chosen(tmp_path / "rows.npy") == sorted(rows)
+    assert chosen(text, seed=1) == sorted(rows)  # the seed no longer picks them
+    for content, message in [("3 3 17 42 99", "more than once"), ("3 17 42 99 180", "outside 0..179"),
+                             ("3 17 x", "integers"), ("3 17 42 99 100 101", "pass --labels 6")]:
+        text.write_text(content)
+        with pytest.raises((DataError, ConfigError), match=message):
+            chosen(text)
+    with pytest.raises(DataError, match="no such file"):
+        chosen(tmp_path / "missing.txt")
 
 
 def test_training_batches_pair_unlabelled_with_cycled_labelled_images(tiny_labelled):

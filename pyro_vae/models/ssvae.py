@@ -34,7 +34,7 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from .. import plots
-from ..data import Dataset, balanced_subset
+from ..data import Dataset, balanced_subset, read_rows
 from ..errors import ConfigError, DataError
 from ..nets import BernoulliDecoder, BernoulliImage, GaussianEncoder, mlp
 from .base import Family
@@ -60,6 +60,7 @@ class SSVAEConfig:
     classes: int = 10
     labels: int = 100  # labelled training images, the same number from each class
     aux_weight: float = 100.0  # weight of -log q(y | x) per labelled image in a step
+    labelled_rows: str | None = None  # file of training-split rows to label, instead of a seeded draw
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,12 +128,27 @@ class SSVAE(Family):
         if int(data.labels["train"].max()) >= self.config.classes:
             raise ConfigError(f"the labels go up to {int(data.labels['train'].max())} but --classes is "
                               f"{self.config.classes}")
-        balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed)
+        self._labelled_subset(data, seed)
+
+    def _labelled_subset(self, data: Dataset, seed: int) -> torch.Tensor:
+        """The rows of the training split that keep their labels (sorted): those listed in
+        ``labelled_rows`` (to train on a published split), else a class-balanced draw."""
+        if self.config.labelled_rows is None:
+            return balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed)
+        rows = read_rows(self.config.labelled_rows)
+        what = f"--labelled-rows {self.config.labelled_rows}"
+        if len(rows.unique()) < len(rows):
+            raise DataError(f"{what} lists some rows more than once; each labelled image counts once")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(data.split("train"))):
+            raise DataError(f"{what} has rows outside 0..{len(data.split('train')) - 1}, the training split of {data.name}")
+        if len(rows) != self.config.labels:
+            raise ConfigError(f"{what} lists {len(rows)} rows; pass --labels {len(rows)}")
+        return rows.sort().values
 
     def init_from_data(self, data: Dataset, seed: int) -> None:
-        """Output bias, and the class-balanced labelled subset of the training split."""
+        """Output bias, and the labelled subset of the training split."""
         super().init_from_data(data, seed)
-        self.labelled.copy_(balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed))
+        self.labelled.copy_(self._labelled_subset(data, seed))
 
     def _unlabelled_rows(self, data: Dataset) -> torch.Tensor:
         keep = torch.ones(data.split("train").shape[0], dtype=torch.bool)

@@ -100,7 +100,8 @@ _FIELD_HELP = {
     "init_spread": "standard deviation of the initial component means",
     "classifier_hidden": "hidden layer sizes of the classifier q(y|x), comma separated",
     "classes": "number of classes of the label y",
-    "labels": "labelled training images, the same number per class (the rest unlabelled)",
+    "labels": "labelled training images, the same number per class, drawn by --seed (or the number of "
+              "--labelled-rows); the rest unlabelled",
     "aux_weight": "weight of the classification loss -log q(y|x) on labelled images",
     "labelled_rows": "file of the training-split rows to label (integers, or .npy), instead of "
                      "a class-balanced draw by --seed; --labels must be their number",

@@ -58,7 +58,7 @@ class SSVAEConfig:
     classifier_hidden: tuple[int, ...] = (300, 300)
     activation: str = "elu"
     classes: int = 10
-    labels: int = 100  # labelled training images, the same number from each class
+    labels: int = 100  # labelled training images: the same number from each class, or len(labelled_rows)
     aux_weight: float = 100.0  # weight of -log q(y | x) per labelled image in a step
     labelled_rows: str | None = None  # file of training-split rows to label, instead of a seeded draw
 

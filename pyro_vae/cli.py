@@ -21,15 +21,13 @@ from click.core import ParameterSource
 
 from . import plots
 from .evaluation import evaluate_run, split_data
-from .data import BINARIZATIONS, load_dataset, random_rows
+from .data import load_dataset, random_rows
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
 from .models.gmvae import cluster_accuracy
-from .objectives import OBJECTIVES
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "quiet")
-CHOICES = {"binarize": BINARIZATIONS, "objective": tuple(OBJECTIVES)}
 
 
 class Group(click.Group):
@@ -53,7 +51,8 @@ def _tuple_of_ints(value: str) -> tuple[int, ...]:
 
 
 def _options_from_dataclass(cls: type) -> list[click.Option]:
-    """One ``--field-name`` option per dataclass field, typed from its annotation."""
+    """One ``--field-name`` option per dataclass field, typed from its annotation, with the
+    help text and choices that the field's metadata carries (``config.option``)."""
     hints = typing.get_type_hints(cls)
     options = []
     for f in dataclasses.fields(cls):
@@ -61,12 +60,13 @@ def _options_from_dataclass(cls: type) -> list[click.Option]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if args and typing.get_origin(hint) is not tuple else hint
         flag = "--" + f.name.replace("_", "-")
+        help_text, choices = f.metadata.get("help"), f.metadata.get("choices")
         if base is bool:
             options.append(click.Option([f"{flag}/--no-{flag[2:]}", f.name], default=f.default,
-                                        show_default=True, help=_FIELD_HELP.get(f.name)))
+                                        show_default=True, help=help_text))
             continue
-        if f.name in CHOICES:
-            kind: Any = click.Choice(CHOICES[f.name])
+        if choices:
+            kind: Any = click.Choice(choices)
         elif typing.get_origin(hint) is tuple:
             kind = click.STRING
         else:
@@ -74,38 +74,8 @@ def _options_from_dataclass(cls: type) -> list[click.Option]:
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         options.append(click.Option([flag, f.name], type=kind, default=shown,
-                                    show_default=default is not None, help=_FIELD_HELP.get(f.name)))
+                                    show_default=default is not None, help=help_text))
     return options
-
-
-_FIELD_HELP = {
-    "dataset": "mnist, binarized-mnist, or a .npy/.npz file of shape (N, H, W) or (N, D) in [0, 1]",
-    "binarize": "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data already 0/1 "
-                "(default: dynamic for mnist, none otherwise)",
-    "valid_fraction": "share of an array dataset held out for validation",
-    "lr_decay": "multiply the learning rate by this after every epoch",
-    "objective": "ELBO flavour (default: the model's own)",
-    "particles": "samples per datapoint in the objective (default: the model's, 1; 5 for iwae)",
-    "alpha": "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO",
-    "beta": "weight of the KL term",
-    "kl_warmup": "epochs of linear KL warm-up from 0 to beta",
-    "grad_clip": "clip the global gradient norm to this",
-    "eval_size": "train and validation images scored after each epoch",
-    "z_dim": "latent dimensions",
-    "hidden": "hidden layer sizes, comma separated",
-    "activation": "tanh, relu, elu, softplus or gelu",
-    "components": "mixture components of the prior",
-    "learn_weights": "learn the mixture weights (else uniform)",
-    "learn_prior": "learn the component means and scales",
-    "init_spread": "standard deviation of the initial component means",
-    "classifier_hidden": "hidden layer sizes of the classifier q(y|x), comma separated",
-    "classes": "number of classes of the label y",
-    "labels": "labelled training images, the same number per class, drawn by --seed (or the number of "
-              "--labelled-rows); the rest unlabelled",
-    "aux_weight": "weight of the classification loss -log q(y|x) on labelled images",
-    "labelled_rows": "file of the training-split rows to label (integers, or .npy), instead of "
-                     "a class-balanced draw by --seed; --labels must be their number",
-}
 
 
 @click.group(cls=Group)
@@ -246,24 +216,25 @@ def format_summary(s: dict[str, Any]) -> str:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-n", "--num", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--binary", is_flag=True, help="draw 0/1 pixels instead of showing probabilities")
+@click.option("--draw", "--binary", "draw", is_flag=True,
+              help="draw pixels from the likelihood (0/1 for a Bernoulli) instead of showing its mean")
 @click.option("--by-class", is_flag=True, help="models with a label: NUM samples of each class, rows = classes")
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/samples.png)")
 @click.option("--device", default="auto", show_default=True)
-def sample(run_dir: str, num: int, binary: bool, by_class: bool, checkpoint: str, seed: int,
+def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, seed: int,
            output: str | None, device: str) -> None:
     """Draw images from a trained model: a PNG grid and the raw array (.npy)."""
     run = load_run(run_dir, checkpoint, device)
     torch.manual_seed(seed)
     if by_class:
-        if not hasattr(run.model, "sample_by_class"):
-            raise ConfigError(f"{run_dir} is a {run.model_name} run, which has no label to sample by (ssvae has)")
-        images = run.model.sample_by_class(num)
-        images = (torch.bernoulli(images) if binary else images).cpu()
+        if not run.model.has_classes:
+            raise ConfigError(f"{run_dir} is a {run.model_name} run, which has no label to sample by "
+                              f"({', '.join(n for n, c in MODELS.items() if c.has_classes)} has)")
+        images = run.model.sample_by_class(num, draw=draw).cpu()
     else:
-        images = run.model.sample(num, binary=binary).cpu()
+        images = run.model.sample(num, draw=draw).cpu()
     out = Path(output) if output else run.dir.path / "samples.png"
     np.save(out.with_suffix(".npy"), images.numpy())
     shape = run.data_info.get("image_shape")
@@ -291,7 +262,7 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
         raise ConfigError("this run's data has no image shape, so there is nothing to draw")
     x = run.train.load_data(data_dir, download).eval_data(split)
     x = x[random_rows(x.shape[0], num, seed)]
-    x = x.to(next(run.model.parameters()).device)
+    x = x.to(run.model.device)
     out = Path(output) if output else run.dir.path / "reconstructions.png"
     plots.reconstructions(x, run.model.reconstruct(x), run.data_info["image_shape"], out)
     click.echo(f"wrote {out}")
@@ -313,7 +284,7 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
     if shape:
         data = run.train.load_data(data_dir, download)
         rows = random_rows(len(data.split("valid")), run.train.eval_size, run.train.seed)
-        x = data.eval_data("valid")[rows].to(next(run.model.parameters()).device)
+        x = data.eval_data("valid")[rows].to(run.model.device)
         labels = data.labels["valid"][rows] if "valid" in data.labels else None
         torch.manual_seed(seed)
         written += run.model.figures(x, labels, shape, run.dir.figures)
@@ -335,9 +306,9 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
     """Assign images to mixture components by their posterior p(component | x); with
     labelled data, the clustering accuracy (each component mapped to its majority label)."""
     run = load_run(run_dir, checkpoint, device)
-    if not hasattr(run.model, "assign"):
-        raise ConfigError(f"{run_dir} is a {run.model_name} run; clustering needs a model with "
-                          "mixture components (gmvae)")
+    if not run.model.has_clusters:
+        raise ConfigError(f"{run_dir} is a {run.model_name} run; clustering needs a model with mixture "
+                          f"components ({', '.join(n for n, c in MODELS.items() if c.has_clusters)})")
     x, labels, index = split_data(run, split, limit, seed, data_dir, download)
     torch.manual_seed(seed)
     assignment = run.model.assign(x, samples).cpu()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,37 +97,65 @@ class DReGObjective(RenyiObjective):
         return -(surrogate + (bound - surrogate).detach()).sum()
 
 
-# max_plate_nesting=1: every model keeps its latents inside one "data" plate.
-OBJECTIVES: dict[str, Callable[[int, float], ELBO | RenyiObjective]] = {
-    # analytic KL where one is registered (Gaussian guide to Gaussian prior)
-    "meanfield": lambda k, alpha: TraceMeanField_ELBO(
-        num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1
-    ),
-    # Monte Carlo estimate of the whole ELBO
-    "trace": lambda k, alpha: Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1),
-    # discrete sites marked for parallel enumeration are summed out exactly
-    "enum": lambda k, alpha: TraceEnum_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1),
-    # the importance-weighted bound with k particles (enumerated sites summed out exactly)
-    "iwae": lambda k, alpha: RenyiObjective(k, 0.0),
-    # the Renyi bound with k particles and alpha in (0, 1), between IWAE and the ELBO
-    "renyi": lambda k, alpha: RenyiObjective(k, alpha),
-    # the IWAE bound with doubly reparameterized gradients for the guide
-    "dreg": lambda k, alpha: DReGObjective(k),
-}
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An ELBO flavour with the settings it carries: whether it takes ``--alpha``, whether a
+    KL weight (``--beta``, ``--kl-warmup``) means anything for it, whether the guide must be
+    reparameterized, and how to build it for ``particles`` samples per datapoint."""
 
-# objectives whose value is not a sum of per-site terms, so no site may carry a scale
-UNSCALED_OBJECTIVES = ("iwae", "renyi", "dreg")
+    name: str
+    summary: str
+    build: Callable[[int, float], Any]
+    uses_alpha: bool = False
+    allows_kl_weight: bool = True  # False for single importance-weighted bounds
+    needs_reparameterized_guide: bool = False
+
+    def check(self, particles: int, alpha: float, beta: float, kl_warmup: float) -> None:
+        """Refuse settings that this objective cannot use, naming the option."""
+        if particles < 1:
+            raise ConfigError(f"--particles must be at least 1, got {particles}")
+        if self.uses_alpha and not 0 < alpha < 1:
+            raise ConfigError(f"--alpha must lie in (0, 1) for --objective {self.name}, got {alpha}")
+        if not self.allows_kl_weight and (beta != 1 or kl_warmup != 0):
+            raise ConfigError(
+                f"--objective {self.name} is a single importance-weighted bound: a KL weight "
+                "inside its logsumexp would make it bound nothing, so --beta and --kl-warmup "
+                "cannot be used with it")
+
+
+def _elbo(cls: type) -> Callable[[int, float], ELBO]:
+    # max_plate_nesting=1: every model keeps its latents inside one "data" plate
+    return lambda k, alpha: cls(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
+    ObjectiveSpec("meanfield", "TraceMeanField_ELBO: the ELBO with the analytic KL where one is registered",
+                  _elbo(TraceMeanField_ELBO)),
+    ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO)),
+    ObjectiveSpec("enum", "TraceEnum_ELBO: sites marked for parallel enumeration summed out exactly",
+                  _elbo(TraceEnum_ELBO)),
+    ObjectiveSpec("iwae", "importance-weighted bound with k particles, enumerated sites summed out",
+                  lambda k, alpha: RenyiObjective(k, 0.0), allows_kl_weight=False),
+    ObjectiveSpec("renyi", "Renyi bound with alpha in (0, 1) and k particles, between IWAE and the ELBO",
+                  lambda k, alpha: RenyiObjective(k, alpha), uses_alpha=True, allows_kl_weight=False),
+    ObjectiveSpec("dreg", "the iwae bound with doubly reparameterized gradients for the guide",
+                  lambda k, alpha: DReGObjective(k), allows_kl_weight=False,
+                  needs_reparameterized_guide=True),
+)}
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """Look an objective up by name, with the valid names in the error."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
 
 
 def make_objective(name: str, particles: int = 1, alpha: float = 0.5) -> ELBO | RenyiObjective:
     """Build the flavour ``name`` with ``particles`` samples per datapoint (averaged for
     the ELBOs, importance-weighted for ``iwae`` and ``renyi``; ``alpha`` is renyi's)."""
+    spec = objective_spec(name)
     if particles < 1:
         raise ConfigError(f"--particles must be at least 1, got {particles}")
-    try:
-        factory = OBJECTIVES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}"
-        ) from None
-    return factory(particles, alpha)
+    return spec.build(particles, alpha)

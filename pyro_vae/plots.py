@@ -25,7 +25,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:
     """Tile flat images (n, H*W) into one array with 1-pixel light grey gaps between them."""
     imgs = np.asarray(images.detach().cpu() if torch.is_tensor(images) else images, dtype=np.float32)
-    h, w = image_shape
+    h, w = image_shape[-2:]  # TEMP
     imgs = imgs.reshape(-1, h, w)
     nrow = math.ceil(len(imgs) / ncol)
     out = np.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1), 0.25, dtype=np.float32)  # light grey gaps
@@ -84,8 +84,8 @@ def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int =
     q = torch.distributions.Normal(0.0, 1.0).icdf(p)
     zy, zx = torch.meshgrid(q.flip(0), q, indexing="ij")
     z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
-    device = next(model.parameters()).device
-    images = model.decode(z.to(device))
+    device = model.device
+    images = model.decode_mean(z.to(device))
     return image_grid(images, image_shape, path, title="latent manifold (Gaussian quantile grid)", ncol=n)
 
 

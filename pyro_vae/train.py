@@ -24,10 +24,11 @@ import pyro
 import torch
 
 from . import plots
-from .data import BINARIZATIONS, Dataset, load_dataset, random_rows
+from .config import check_choices, config_from_dict, option
+from .data import BINARIZATIONS, DATASET_NAMES, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
 from .errors import ConfigError, RunError, TrainingDiverged
-from .models import build_model, config_from_dict, model_class
-from .objectives import OBJECTIVES, UNSCALED_OBJECTIVES, make_objective
+from .models import Family, build_model, model_class
+from .objectives import OBJECTIVES, make_objective, objective_spec
 from .runs import RunDir, load_model_state
 
 Log = Callable[[str], None]
@@ -37,51 +38,51 @@ Log = Callable[[str], None]
 class TrainConfig:
     """How to train. The model's shape lives in its own config (e.g. ``VAEConfig``)."""
 
-    dataset: str = "mnist"
-    binarize: str | None = None  # None: the dataset's default (dynamic for MNIST)
-    valid_fraction: float = 0.1  # held out of an array dataset that has no validation split
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 1e-3
-    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
-    objective: str | None = None  # None: the model's default ELBO flavour
-    particles: int | None = None  # None: the model's default (1; 5 for the IWAE preset)
-    alpha: float = 0.5  # the Renyi bound's alpha, for objective "renyi"
-    beta: float = 1.0  # weight of the KL term (beta-VAE)
-    kl_warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
-    grad_clip: float | None = None  # max global gradient norm
-    seed: int = 0
-    eval_size: int = 10_000  # images of train and of validation scored after each epoch
+    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASET_NAMES) + ") or a .npy/.npz file of "
+                          "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D)")
+    binarize: str | None = option(None, "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data as "
+                                  "they are (default: the dataset's for --likelihood bernoulli, else none)",
+                                  BINARIZATIONS)
+    layout: str = option("auto", "how a 4-d user array is laid out: channels last (nhwc) or first (nchw)",
+                         LAYOUTS)
+    valid_fraction: float = option(0.1, "share of an array dataset held out for validation")
+    epochs: int = option(100, "passes over the training split")
+    batch_size: int = option(100, "images per step")
+    lr: float = option(1e-3, "Adam's learning rate")
+    lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch")
+    objective: str | None = option(None, "ELBO flavour (default: the model's own)", OBJECTIVES)
+    particles: int | None = option(None, "samples per datapoint in the objective (default: the model's, 1; "
+                                   "5 for iwae)")
+    alpha: float = option(0.5, "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO")
+    beta: float = option(1.0, "weight of the KL term")
+    kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta")
+    grad_clip: float | None = option(None, "clip the global gradient norm to this")
+    seed: int = option(0, "seed of the weights, the batches and the binarization")
+    eval_size: int = option(10_000, "train and validation images scored after each epoch")
 
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
         """The dataset this config trains on, binarized and split as it says."""
-        return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed)
+        return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
+                            self.layout)
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name in the message."""
+        check_choices(self)
         rules = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
-            (self.particles is None or self.particles >= 1, "--particles must be at least 1"),
-            (self.objective != "renyi" or 0 < self.alpha < 1, "--alpha must lie in (0, 1) for --objective renyi"),
             (self.beta > 0, "--beta must be positive"),
             (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
             (self.eval_size >= 1, "--eval-size must be at least 1"),
-            (self.binarize is None or self.binarize in BINARIZATIONS,
-             f"--binarize must be one of {', '.join(BINARIZATIONS)}"),
-            (self.objective is None or self.objective in OBJECTIVES,
-             f"--objective must be one of {', '.join(OBJECTIVES)}"),
-            (self.objective not in UNSCALED_OBJECTIVES or (self.beta == 1 and self.kl_warmup == 0),
-             f"--objective {self.objective} is a single importance-weighted bound: a KL weight "
-             "inside its logsumexp would make it bound nothing, so --beta and --kl-warmup "
-             "cannot be used with it"),
         ]
         for ok, message in rules:
             if not ok:
                 raise ConfigError(message)
+        if self.objective is not None:
+            objective_spec(self.objective).check(self.particles or 1, self.alpha, self.beta, self.kl_warmup)
 
 
 @dataclass
@@ -149,6 +150,12 @@ def _train_config(values: dict[str, Any]) -> TrainConfig:
     return config_from_dict(TrainConfig, values)
 
 
+def data_shape(info: dict[str, Any]) -> tuple[int, ...]:
+    """The shape a model is built for, from a run's ``data`` record: (C, H, W) for images
+    (runs written before colour support stored (H, W)), else (D,)."""
+    return as_chw(info.get("image_shape")) or (int(info["x_dim"]),)
+
+
 def fit(
     model_name: str,
     model_config: dict[str, Any] | Any = None,
@@ -169,12 +176,15 @@ def fit(
     cls = model_class(model_name)
     if dataclasses.is_dataclass(model_config):
         model_config = dataclasses.asdict(model_config)
-    model_config = dataclasses.asdict(config_from_dict(cls.Config, model_config or {}))
+    family_config = config_from_dict(cls.Config, model_config or {})
+    model_config = dataclasses.asdict(family_config)
     train = train or TrainConfig()
     if train.objective is None:
         train = dataclasses.replace(train, objective=cls.default_objective)
     if train.particles is None:
         train = dataclasses.replace(train, particles=cls.default_particles)
+    if train.binarize is None and family_config.likelihood != "bernoulli":
+        train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
     train.check()
     if train.objective not in cls.objectives:
         raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}; "
@@ -185,8 +195,11 @@ def fit(
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
     data = train.load_data(data_dir, download)
+    if data.note and log:
+        log(data.note)
     pyro.set_rng_seed(train.seed)  # before the weights are initialised
-    model = build_model(model_name, data.x_dim, model_config)
+    shape = as_chw(data.image_shape) or (data.x_dim,)
+    model = build_model(model_name, shape, model_config)
     model.check_data(data, train.seed)
     config = {
         "model": model_name,
@@ -196,7 +209,7 @@ def fit(
                  "image_shape": list(data.image_shape) if data.image_shape else None},
     }
     run = RunDir.create(run_dir, config)
-    return _train(run, config, model, data, dev, None, log, progress)
+    return _train(Session.start(run, config, model, data, dev, log, progress), None)
 
 
 def resume(
@@ -223,143 +236,220 @@ def resume(
         train.check()
         config["train"]["epochs"] = epochs
     dev = resolve_device(device)
-    state = run.load_checkpoint(map_location=dev)
+    checkpoint = run.load_checkpoint(map_location=dev)
     data = train.load_data(data_dir, download)
-    model = build_model(config["model"], data.x_dim, config["model_config"])
-    if state["epoch"] >= train.epochs:
+    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
+    model.check_data(data, train.seed)
+    if checkpoint["epoch"] >= train.epochs:
         raise RunError(
-            f"{run.path} has already trained {state['epoch']} epochs (asked for {train.epochs}); "
-            f"pass --epochs N with N > {state['epoch']} to train longer"
+            f"{run.path} has already trained {checkpoint['epoch']} epochs (asked for {train.epochs}); "
+            f"pass --epochs N with N > {checkpoint['epoch']} to train longer"
         )
     run.write_json("config.json", config)
-    return _train(run, config, model, data, dev, state, log, progress)
+    return _train(Session.start(run, config, model, data, dev, log, progress), checkpoint)
 
 
-def _train(run: RunDir, config: dict[str, Any], model: Any, data: Dataset, device: torch.device,
-           state: dict[str, Any] | None, log: Log | None, progress: bool) -> Run:
-    train = _train_config(config["train"])
-    log = log or (lambda message: None)
-    model.to(device)
-    objective = make_objective(train.objective, train.particles, train.alpha)
-    optimizer = make_optimizer(model.parameters(), train.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay)
-    steps_per_epoch = model.steps_per_epoch(data, train.batch_size)
-    warmup_steps = train.kl_warmup * steps_per_epoch
-    # the same random images at every epoch
-    rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
-    train_eval, valid_eval = (data.eval_data(name)[rows[name]].to(device) for name in ("train", "valid"))
-    valid_labels = data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None
-    image_shape = tuple(config["data"]["image_shape"] or ()) or None
+@dataclass
+class TrainState:
+    """Where a run stands, saved in every checkpoint: epochs and batches (of the current
+    epoch) done, optimizer steps done, the objective summed over this epoch's steps, and
+    the per-epoch history. Together with the weights, the optimizer, the scheduler and the
+    RNG it is all a resumed run needs to continue exactly."""
 
-    if state is None:
-        model.init_from_data(data, train.seed)
-        state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "history": []}
-        _sample_figure(model, run, image_shape, train.seed, device, 0)
-    else:
-        load_model_state(model, state["model"], run.path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], device)
-        log(f"resuming {run.path} at epoch {state['epoch'] + 1}"
-            + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
-    # the loop's position: epoch and batch done, steps done, objective summed this epoch
-    pos = {k: state[k] for k in ("epoch", "batch", "step", "loss_sum")}
-    history: list[dict[str, Any]] = list(state["history"])
-    best = max((row["valid_bound"] for row in history), default=-math.inf)
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
 
-    def checkpoint() -> None:
-        run.save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
-            **pos, "history": history,
+    def save(self, session: Session) -> None:
+        """Write the full checkpoint of the session at this state."""
+        session.run.save_checkpoint({
+            "model": session.model.state_dict(), "optimizer": session.optimizer.state_dict(),
+            "scheduler": session.scheduler.state_dict(), "rng": _rng_state(session.device),
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "loss_sum": self.loss_sum,
+            "history": self.history,
         })
 
-    def train_steps(interrupted: threading.Event) -> float:
-        """The rest of the current epoch's steps (until Ctrl-C); returns the last KL weight."""
-        kl_weight = train.beta
-        batches = model.training_batches(data, train.batch_size, pos["epoch"], train.seed, device, start=pos["batch"])
-        bar = click.progressbar(length=steps_per_epoch - pos["batch"], file=sys.stderr,
-                                label=f"epoch {pos['epoch'] + 1}/{train.epochs}")
-        with bar if progress else contextlib.nullcontext():
-            for batch in batches:
-                if warmup_steps:
-                    kl_weight = train.beta * min(1.0, (pos["step"] + 1) / warmup_steps)
-                # Pyro's and torch's argument checks cost time on every step: they run on
-                # the first step of each session only, to catch a malformed model early.
-                with pyro.validation_enabled(pos["step"] == state["step"]):
-                    loss = model.training_loss(objective, batch, kl_weight)
-                value = loss.item() / batch[0].shape[0]
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at epoch {pos['epoch'] + 1}, batch {pos['batch'] + 1}; "
-                        f"stopped. The last good checkpoint (end of epoch {history[-1]['epoch'] if history else 0}) "
-                        f"is kept in {run.path}. Try a lower --lr or --grad-clip 10"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                optimizer.step()
-                pos["loss_sum"] += value
-                pos["batch"] += 1
-                pos["step"] += 1
-                if progress:
-                    bar.update(1)
-                if interrupted.is_set():
-                    break
-        return kl_weight
+    @classmethod
+    def load(cls, checkpoint: dict[str, Any], session: Session) -> TrainState:
+        """Restore the weights, optimizer, scheduler and RNG of ``checkpoint`` into the
+        session, and return the state it was saved at."""
+        load_model_state(session.model, checkpoint["model"], session.run.path)
+        session.optimizer.load_state_dict(checkpoint["optimizer"])
+        session.scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"], session.device)
+        return cls(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"], checkpoint["loss_sum"],
+                   list(checkpoint["history"]))
 
+
+@dataclass
+class Session:
+    """What one training session works with: the run, its data and model, the objective
+    and optimizer, and the fixed images scored after every epoch."""
+
+    run: RunDir
+    config: dict[str, Any]
+    train: TrainConfig
+    model: Family
+    data: Dataset
+    device: torch.device
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    train_eval: torch.Tensor
+    valid_eval: torch.Tensor
+    valid_labels: torch.Tensor | None
+    image_shape: tuple[int, ...] | None
+    log: Log
+    progress: bool
+
+    @classmethod
+    def start(cls, run: RunDir, config: dict[str, Any], model: Family, data: Dataset, device: torch.device,
+              log: Log | None, progress: bool) -> Session:
+        train = _train_config(config["train"])
+        model.to(device)
+        optimizer = make_optimizer(model.parameters(), train.lr)
+        # the same random images at every epoch
+        rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
+        return cls(
+            run=run, config=config, train=train, model=model, data=data, device=device,
+            objective=make_objective(train.objective, train.particles, train.alpha),
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.lr_decay),
+            steps_per_epoch=model.steps_per_epoch(data, train.batch_size),
+            train_eval=data.eval_data("train")[rows["train"]].to(device),
+            valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
+            valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
+            image_shape=as_chw(config["data"]["image_shape"]),
+            log=log or (lambda message: None), progress=progress,
+        )
+
+    def kl_weight(self, step: int) -> float:
+        """beta, reached linearly over the first ``kl_warmup`` epochs."""
+        warmup_steps = self.train.kl_warmup * self.steps_per_epoch
+        return self.train.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else self.train.beta
+
+
+def _train(session: Session, checkpoint: dict[str, Any] | None) -> Run:
+    """Train from ``checkpoint`` (None: from the start) to the configured number of epochs."""
+    s, train = session, session.train
+    if checkpoint is None:
+        s.model.init_from_data(s.data, train.seed)
+        state = TrainState()
+        _sample_figure(s, 0)
+    else:
+        state = TrainState.load(checkpoint, s)
+        s.log(f"resuming {s.run.path} at epoch {state.epoch + 1}"
+              + (f", batch {state.batch + 1}" if state.batch else ""))
+    first_step = state.step
+    best = max((row["valid_bound"] for row in state.history), default=-math.inf)
     with _deferred_interrupt() as interrupted:
-        while pos["epoch"] < train.epochs and not interrupted.is_set():
+        while state.epoch < train.epochs and not interrupted.is_set():
             start_time = time.perf_counter()
-            model.train()
-            kl_weight = train_steps(interrupted)
+            s.model.train()
+            kl_weight = _epoch_steps(s, state, first_step, interrupted)
             if interrupted.is_set():
                 break
-            steps_seconds = time.perf_counter() - start_time
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            model.eval()
-            with fixed_rng(train.seed + 1, device):
-                row = {
-                    "epoch": pos["epoch"] + 1,
-                    "step": pos["step"],
-                    "train_loss": pos["loss_sum"] / pos["batch"],
-                    "train_bound": objective_bound(objective, model, train_eval),
-                    "valid_bound": objective_bound(objective, model, valid_eval),
-                    **{f"valid_{k}": v for k, v in model.metrics(valid_eval, valid_labels).items()
-                       if isinstance(v, (int, float))},
-                    "kl_weight": kl_weight,
-                    "lr": lr,
-                    "seconds": time.perf_counter() - start_time,  # the steps and the scores above
-                    "steps_seconds": steps_seconds,
-                }
-            history.append(row)
-            pos.update(epoch=pos["epoch"] + 1, batch=0, loss_sum=0.0)
-            run.write_metrics(history)
-            checkpoint()
+            row = _score_epoch(s, state, kl_weight, start_time)
+            state.history.append(row)
+            state.epoch, state.batch, state.loss_sum = state.epoch + 1, 0, 0.0
+            s.run.write_metrics(state.history)
+            state.save(s)
             if row["valid_bound"] > best:
                 best = row["valid_bound"]
-                run.save_checkpoint({"model": model.state_dict(), "epoch": pos["epoch"]}, "best.pt")
-            scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
-                             if k.startswith("valid_") and k != "valid_bound")
-            log(f"epoch {row['epoch']}/{train.epochs}  train {row['train_bound']:.2f}  "
-                f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
-            plots.bound_curves(history, run.figures / "curves.png", title=run.path.name)
-            if row["epoch"] in (train.epochs // 2, train.epochs):
-                _sample_figure(model, run, image_shape, train.seed, device, row["epoch"])
+                s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
+            _report_epoch(s, state, row)
     if interrupted.is_set():
-        checkpoint()
+        state.save(s)
         raise RunError(
-            f"interrupted at epoch {pos['epoch'] + 1}, after batch {pos['batch']}; the state is saved: "
-            f"continue with `pyro-vae fit {config['model']} --run-dir {run.path} --resume`"
+            f"interrupted at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
+            f"continue with `pyro-vae fit {s.config['model']} --run-dir {s.run.path} --resume`"
         )
-    if image_shape is not None:
-        x = valid_eval[:50]
-        plots.reconstructions(x, model.reconstruct(x), image_shape, run.figures / "reconstructions.png")
-        with fixed_rng(train.seed, device):
-            model.figures(valid_eval, valid_labels, image_shape, run.figures)
-    return Run(run, config["model"], model, train, history, config["data"])
+    _final_figures(s)
+    return Run(s.run, s.config["model"], s.model, train, state.history, s.config["data"])
+
+
+def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: threading.Event) -> float:
+    """The rest of the current epoch's steps (until Ctrl-C); returns the last KL weight."""
+    train = s.train
+    kl_weight = train.beta
+    batches = s.model.training_batches(s.data, train.batch_size, state.epoch, train.seed, s.device,
+                                       start=state.batch)
+    bar = click.progressbar(length=s.steps_per_epoch - state.batch, file=sys.stderr,
+                            label=f"epoch {state.epoch + 1}/{train.epochs}")
+    with bar if s.progress else contextlib.nullcontext():
+        for batch in batches:
+            kl_weight = s.kl_weight(state.step)
+            # Pyro's and torch's argument checks cost time on every step: they run on
+            # the first step of each session only, to catch a malformed model early.
+            with pyro.validation_enabled(state.step == first_step):
+                loss = s.model.training_loss(s.objective, batch, kl_weight)
+            value = loss.item() / batch[0].shape[0]
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at epoch {state.epoch + 1}, batch {state.batch + 1}; stopped. "
+                    f"The last good checkpoint (end of epoch {state.history[-1]['epoch'] if state.history else 0}) "
+                    f"is kept in {s.run.path}. Try a lower --lr or --grad-clip 10"
+                )
+            s.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(s.model.parameters(), train.grad_clip)
+            s.optimizer.step()
+            state.loss_sum += value
+            state.batch += 1
+            state.step += 1
+            if s.progress:
+                bar.update(1)
+            if interrupted.is_set():
+                break
+    return kl_weight
+
+
+def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: float) -> dict[str, Any]:
+    """The epoch's metrics row: the objective on fixed training and validation images, the
+    family's scores, and timings. Steps the learning-rate schedule."""
+    steps_seconds = time.perf_counter() - start_time
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.scheduler.step()
+    s.model.eval()
+    with fixed_rng(s.train.seed + 1, s.device):
+        return {
+            "epoch": state.epoch + 1,
+            "step": state.step,
+            "train_loss": state.loss_sum / state.batch,
+            "train_bound": objective_bound(s.objective, s.model, s.train_eval),
+            "valid_bound": objective_bound(s.objective, s.model, s.valid_eval),
+            **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
+               if isinstance(v, (int, float))},
+            "kl_weight": kl_weight,
+            "lr": lr,
+            "seconds": time.perf_counter() - start_time,  # the steps and the scores above
+            "steps_seconds": steps_seconds,
+        }
+
+
+def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
+    """The epoch's log line, the curves, and samples at the middle and the end."""
+    scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
+                     if k.startswith("valid_") and k != "valid_bound")
+    s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
+          f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
+    plots.bound_curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
+    if row["epoch"] in (s.train.epochs // 2, s.train.epochs):
+        _sample_figure(s, row["epoch"])
+
+
+def _final_figures(s: Session) -> None:
+    """Reconstructions and the family's own figures, at the end of training."""
+    if s.image_shape is None:
+        return
+    x = s.valid_eval[:50]
+    plots.reconstructions(x, s.model.reconstruct(x), s.image_shape, s.run.figures / "reconstructions.png")
+    with fixed_rng(s.train.seed, s.device):
+        s.model.figures(s.valid_eval, s.valid_labels, s.image_shape, s.run.figures)
 
 
 @contextlib.contextmanager
@@ -384,16 +474,15 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _sample_figure(model: Any, run: RunDir, image_shape: tuple[int, ...] | None, seed: int,
-                   device: torch.device, epoch: int) -> None:
+def _sample_figure(s: Session, epoch: int) -> None:
     """Samples from the same prior draws at each point of training, so grids compare."""
-    if image_shape is None:
+    if s.image_shape is None:
         return
-    model.eval()
-    with fixed_rng(seed, device):
-        images = model.sample(64)
+    s.model.eval()
+    with fixed_rng(s.train.seed, s.device):
+        images = s.model.sample(64)
     label = "before training" if epoch == 0 else f"after epoch {epoch}"
-    plots.image_grid(images, image_shape, run.figures / f"samples-epoch{epoch:04d}.png",
+    plots.image_grid(images, s.image_shape, s.run.figures / f"samples-epoch{epoch:04d}.png",
                      title=f"samples {label}")
 
 
@@ -407,7 +496,7 @@ def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") ->
         raise ConfigError(f"--checkpoint must be last or best, got {checkpoint!r}")
     dev = resolve_device(device)
     state = run.load_checkpoint(names[checkpoint], map_location=dev)
-    model = build_model(config["model"], config["data"]["x_dim"], config["model_config"])
+    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     load_model_state(model, state["model"], run.path)
     model.to(dev).eval()
     history = run.metrics()

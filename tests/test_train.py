@@ -25,7 +25,7 @@ def test_vae_methods_have_the_right_shapes():
     vae = VAE(64, VAEConfig(z_dim=3, hidden=(10, 6)))
     x = torch.bernoulli(torch.full((5, 64), 0.5))
     assert vae.sample(7).shape == (7, 64)
-    assert set(vae.sample(4, binary=True).unique().tolist()) <= {0.0, 1.0}
+    assert set(vae.sample(4, draw=True).unique().tolist()) <= {0.0, 1.0}
     loc, scale = vae.encode(x)
     assert loc.shape == scale.shape == (5, 3) and (scale > 0).all()
     r = vae.reconstruct(x)

@@ -1,38 +1,159 @@
-"""What every model family offers the training loop, the evaluator and the CLI.
+"""The contract of a model family: what every family offers the training loop, the
+evaluator, the CLI and a user at a notebook.
 
-A family is a ``PyroModule`` with ``model`` and ``guide`` methods and a config dataclass;
-the hooks below have defaults that fit an unsupervised model trained on batches of
-images, and a family overrides those that differ (the SSVAE's labelled batches and
-classifier metrics, the GMVAE's figures)."""
+A family is a ``PyroModule`` built for data of a given shape ((C, H, W) images, or (D,)
+vectors) from its config dataclass. It declares:
+
+- the Pyro pair: ``model(x, ...)`` and ``guide(x, ...)``, every site inside one
+  ``pyro.plate("data")`` so that bounds are per datapoint;
+- read-outs: ``posterior(x)`` (the guide's distribution over z), ``encode(x)`` (its
+  location and scale), ``decode(z)`` (the likelihood p(x | z) as a distribution) and
+  ``decode_mean(z)`` (its mean, for pictures), ``sample``, ``reconstruct``, ``device``;
+- capability flags (``has_clusters``, ``has_classes``) that the CLI reads instead of
+  probing for methods;
+- hooks of the training loop with defaults for an unsupervised model trained on batches
+  of images (the SSVAE overrides the batches and the loss, the GMVAE the figures).
+
+The networks and the likelihood come from their registries (``nets.ENCODERS``,
+``nets.DECODERS``, ``likelihoods.LIKELIHOODS``) by the names in ``NetsConfig``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
+from ..config import check_choices, option
 from ..data import Dataset
+from ..errors import ConfigError
+from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
+from ..nets import DECODERS, ENCODERS, make_decoder
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class NetsConfig:
+    """The parts every family is assembled from: networks and the pixel likelihood."""
+
+    encoder: str = option("mlp", "encoder network", ENCODERS)
+    decoder: str = option("mlp", "decoder network", DECODERS)
+    likelihood: str = option("bernoulli", "p(x | z) of each pixel: bernoulli for 0/1 data; continuous-bernoulli, "
+                             "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
+    gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or "
+                                 "one for the whole image", ("pixel", "image"))
+    logistic_mixtures: int = option(5, "mixture components of --likelihood discretized-logistic")
+
+    def likelihood_config(self) -> LikelihoodConfig:
+        return LikelihoodConfig(gaussian_scale=self.gaussian_scale, logistic_mixtures=self.logistic_mixtures)
+
+
+def check_nets_config(config: Any) -> None:
+    """Refuse unknown names and impossible sizes in a family's config, naming the option."""
+    check_choices(config)
+    if getattr(config, "z_dim", 1) < 1:
+        raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
+    if config.logistic_mixtures < 1:
+        raise ConfigError(f"--logistic-mixtures must be at least 1, got {config.logistic_mixtures}")
 
 
 class Family(PyroModule):
     """Base class of the model families; see the module docstring."""
 
-    Config: type
-    default_objective: str
-    default_particles = 1  # samples per datapoint in the default objective
-    objectives: tuple[str, ...]  # the ELBO flavours that are correct for this pair
+    Config: ClassVar[type]
+    default_objective: ClassVar[str]
+    default_particles: ClassVar[int] = 1  # samples per datapoint in the default objective
+    objectives: ClassVar[tuple[str, ...]]  # the ELBO flavours that are correct for this pair
+    has_clusters: ClassVar[bool] = False  # assign(x): mixture components (pyro-vae cluster)
+    has_classes: ClassVar[bool] = False  # a class label y: sample_by_class, classifier metrics
+
+    likelihood: Likelihood
+    decoder: torch.nn.Module
+
+    def __init__(self, shape: Shape | int, config: Any):
+        super().__init__()
+        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        if len(shape) not in (1, 3) or min(shape) < 1:
+            raise ConfigError(f"data shape must be (C, H, W) or (D,), got {shape}")
+        check_nets_config(config)
+        self.config = config
+        self.shape = shape
+        self.image_shape = shape if len(shape) == 3 else None
+        self.x_dim = math.prod(shape)
+
+    def _likelihood_and_decoder(self, in_dim: int, hidden: Sequence[int]) -> None:
+        """Build ``self.likelihood`` and a decoder from ``in_dim`` inputs to its parameters."""
+        c = self.config
+        self.likelihood = make_likelihood(c.likelihood, self.x_dim, c.likelihood_config())
+        self.decoder = make_decoder(c.decoder, in_dim, self.image_shape, self.x_dim,
+                                    self.likelihood.params_per_value, hidden, c.activation)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the Pyro pair and its read-outs ------------------------------------------------
+
+    def model(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """The generative story; ``x`` is a (batch, D) tensor."""
+        raise NotImplementedError
+
+    def guide(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """The amortized posterior."""
+        raise NotImplementedError
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x): batch shape (batch,), event shape (z_dim,)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of the guide's Gaussian over z, each (batch, z_dim)."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor, *args: Any) -> dist.Distribution:
+        """p(x | z): batch shape z.shape[:-1], event shape (D,)."""
+        return self.likelihood.distribution(self.decoder(z))
+
+    @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor, *args: Any) -> torch.Tensor:
+        """The mean of p(x | z) with values in [0, 1]: what pictures show."""
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` images from the model, (n, D): the likelihood's means, or draws from it."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z) at the posterior's location for each input."""
+        raise NotImplementedError
+
+    # --- hooks of the training loop ------------------------------------------------------
 
     def check_data(self, data: Dataset, seed: int) -> None:
-        """Refuse data this family cannot train on, before the run directory is made."""
+        """Refuse data this family cannot train on, before the run directory is made: the
+        data's shape must be the model's, and what the decoder sees must lie in the
+        likelihood's support."""
+        if data.x_dim != self.x_dim:
+            raise ConfigError(f"{data.name} has {data.x_dim} values per item; this model was built for {self.x_dim}")
+        if data.binarize == "none":
+            for name in data.splits:
+                self.likelihood.check_support(data.split(name), f"the {name} split of {data.name}")
 
     def init_from_data(self, data: Dataset, seed: int) -> None:
-        """Data-dependent initialisation before training: the decoder's output bias at the
-        logit of the mean training pixel."""
-        bias = self.decoder.net[-1].bias
-        self.decoder.init_output_bias(data.split("train").float().mean(0).to(bias.device))
+        """Data-dependent initialisation before training: the decoder's output bias from
+        the mean training pixel (the logit of it, for a Bernoulli likelihood)."""
+        mean = data.split("train").float().mean(0).to(self.device)
+        self.decoder.init_output_bias(self.likelihood.init_bias(mean))
 
     def steps_per_epoch(self, data: Dataset, batch_size: int) -> int:
         """Optimizer steps in one epoch."""

@@ -1,6 +1,6 @@
 """The VAE with a learned Gaussian-mixture prior, its component summed out exactly.
 
-    y ~ Categorical(pi),   z | y ~ N(mu_y, diag sigma_y^2),   x | z ~ Bernoulli(logits = decoder(z))
+    y ~ Categorical(pi),   z | y ~ N(mu_y, diag sigma_y^2),   x | z ~ p(x | decoder(z))
     q(z | x) = N(mu(x), diag sigma(x)^2)                       (the VAE's guide)
 
 The component y is a discrete latent of the model only, marked for parallel enumeration:
@@ -28,7 +28,8 @@ from torch.nn import functional as F
 
 from .. import plots
 from ..errors import ConfigError
-from ..nets import BernoulliImage
+from ..config import option
+from .base import Shape
 from .vae import VAE, VAEConfig
 
 
@@ -36,10 +37,10 @@ from .vae import VAE, VAEConfig
 class GMVAEConfig(VAEConfig):
     """The VAE's networks plus the mixture prior's shape and what of it is learned."""
 
-    components: int = 10
-    learn_weights: bool = False  # uniform mixture weights unless asked
-    learn_prior: bool = True  # component means and scales
-    init_spread: float = 0.3  # standard deviation of the initial component means
+    components: int = option(10, "mixture components of the prior")
+    learn_weights: bool = option(False, "learn the mixture weights (else uniform)")
+    learn_prior: bool = option(True, "learn the component means and scales")
+    init_spread: float = option(0.3, "standard deviation of the initial component means")
 
 
 def diag_normal_table(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,20 +141,21 @@ class MixturePrior(nn.Module):
 
 
 class GMVAE(VAE):
-    """Gaussian-mixture prior with the component enumerated exactly, Bernoulli decoder,
-    diagonal Gaussian guide."""
+    """Gaussian-mixture prior with the component enumerated exactly, diagonal Gaussian
+    guide, the configured networks and likelihood."""
 
     Config = GMVAEConfig
     default_objective = "enum"
     objectives = ("enum", "iwae", "renyi", "dreg")
+    has_clusters = True
 
-    def __init__(self, x_dim: int, config: GMVAEConfig | None = None):
+    def __init__(self, shape: Shape | int, config: GMVAEConfig | None = None):
         config = config or GMVAEConfig()
         if config.components < 1:
             raise ConfigError(f"--components must be at least 1, got {config.components}")
         if config.init_spread < 0:
             raise ConfigError(f"--init-spread must be non-negative, got {config.init_spread}")
-        super().__init__(x_dim, config)
+        super().__init__(shape, config)
         self.mixture = MixturePrior(config.components, config.z_dim, config.learn_weights,
                                     config.learn_prior, config.init_spread)
 
@@ -170,8 +172,7 @@ class GMVAE(VAE):
                 y = pyro.sample("y", dist.Categorical(logits=self.mixture.log_weights.expand(batch, -1)),
                                 infer={"enumerate": "parallel"})
                 z = pyro.sample("z", ComponentNormal(self.mixture.loc, self.mixture.scale, y))
-            logits = self.decoder(z)
-            pyro.sample("x", BernoulliImage(logits), obs=x)
+            pyro.sample("x", self.decode(z), obs=x)
 
     def marginal_model(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """The same model with y summed out inside the prior (no discrete site)."""
@@ -188,18 +189,18 @@ class GMVAE(VAE):
         loc, scale = self.encoder(x)
         q = dist.Normal(loc, scale)
         z = q.sample((num_samples,))
-        log_lik = BernoulliImage(self.decoder(z)).log_prob(x)
+        log_lik = self.decode(z).log_prob(x)
         log_w = log_lik - q.log_prob(z).sum(-1)
         scores = torch.logsumexp(log_w.unsqueeze(-1) + self.mixture.log_joint(z), 0)
         return torch.softmax(scores, -1)
 
     @torch.no_grad()
     def sample_components(self, components: torch.Tensor, n: int) -> torch.Tensor:
-        """``n`` pixel-probability images from each listed component: shape (len * n, x_dim),
+        """``n`` mean images from each listed component: shape (len * n, D),
         grouped by component."""
         loc = self.mixture.loc[components].repeat_interleave(n, 0)
         scale = self.mixture.scale[components].repeat_interleave(n, 0)
-        return self.decode(dist.Normal(loc, scale).sample())
+        return self.decode_mean(dist.Normal(loc, scale).sample())
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """The semi-supervised VAE of Kingma et al. 2014 (M2) as one Pyro model/guide pair.
 
-    y ~ Categorical(uniform),   z ~ N(0, I),   x | y, z ~ Bernoulli(logits = decoder(y, z))
+    y ~ Categorical(uniform),   z ~ N(0, I),   x | y, z ~ p(x | decoder(z, onehot(y)))
     q(y | x) = Categorical(classifier(x)),   q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
 
 For a labelled image, y is passed in and observed in the model (the guide does not sample
@@ -36,14 +36,15 @@ from torch.nn import functional as F
 from .. import plots
 from ..data import Dataset, balanced_subset, read_rows
 from ..errors import ConfigError, DataError
-from ..nets import BernoulliDecoder, BernoulliImage, GaussianEncoder, mlp
-from .base import Family
+from ..config import option
+from ..nets import ACTIVATIONS, GaussianEncoder, cat_last, make_classifier, make_encoder
+from .base import Family, NetsConfig, Shape
 
 CALIBRATION_BINS = 15
 
 
 @dataclass
-class SSVAEConfig:
+class SSVAEConfig(NetsConfig):
     """Networks, classes and the semi-supervised setting of M2.
 
     Defaults are the course reference's (z of 64, two layers of 300 ELU units in every
@@ -51,23 +52,21 @@ class SSVAEConfig:
     Kingma et al.'s one layer of 500 softplus units with weight 50 lost accuracy as it
     trained here (71% on validation after one epoch, 66% after six, 100 labels); these
     networks gained steadily (78% after one epoch, 85% after fifteen, in a trial without
-    the labelled ELBO, which its data share below makes almost negligible)."""
+    the labelled ELBO, which its data share below makes almost negligible). The classifier
+    q(y | x) is the ``--encoder`` network followed by a linear layer; the label reaches
+    q(z | x, y) and the decoder as a one-hot vector beside the features or z."""
 
-    z_dim: int = 64
-    hidden: tuple[int, ...] = (300, 300)
-    classifier_hidden: tuple[int, ...] = (300, 300)
-    activation: str = "elu"
-    classes: int = 10
-    labels: int = 100  # labelled training images: the same number from each class, or len(labelled_rows)
-    aux_weight: float = 100.0  # weight of -log q(y | x) per labelled image in a step
-    labelled_rows: str | None = None  # file of training-split rows to label, instead of a seeded draw
-
-
-def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate the last dimensions of ``a`` and ``b`` after broadcasting the others
-    (an enumerated label has shape (classes, 1, ...) against a batch of inputs)."""
-    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-    return torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], -1)
+    z_dim: int = option(64, "latent dimensions")
+    hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of q(z|x,y) and p(x|y,z), comma separated")
+    classifier_hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of the classifier q(y|x), "
+                                                "comma separated")
+    activation: str = option("elu", "activation function", ACTIVATIONS)
+    classes: int = option(10, "number of classes of the label y")
+    labels: int = option(100, "labelled training images, the same number per class, drawn by --seed (or the "
+                         "number of --labelled-rows); the rest unlabelled")
+    aux_weight: float = option(100.0, "weight of the classification loss -log q(y|x) on labelled images")
+    labelled_rows: str | None = option(None, "file of the training-split rows to label (integers, or .npy), "
+                                       "instead of a class-balanced draw by --seed; --labels must be their number")
 
 
 class SSVAE(Family):
@@ -76,37 +75,37 @@ class SSVAE(Family):
     Config = SSVAEConfig
     default_objective = "enum"
     objectives = ("enum",)
+    has_classes = True
 
-    def __init__(self, x_dim: int, config: SSVAEConfig | None = None):
-        super().__init__()
-        self.config = config = config or SSVAEConfig()
+    def __init__(self, shape: Shape | int, config: SSVAEConfig | None = None):
+        super().__init__(shape, config or SSVAEConfig())
+        config = self.config
         if config.classes < 2:
             raise ConfigError(f"--classes must be at least 2, got {config.classes}")
         if config.labels < config.classes:
             raise ConfigError(f"--labels must be at least --classes ({config.classes}), got {config.labels}")
         if config.aux_weight < 0:
             raise ConfigError(f"--aux-weight must be non-negative, got {config.aux_weight}")
-        self.x_dim = x_dim
-        self.classifier = mlp([x_dim, *config.classifier_hidden, config.classes], config.activation)
-        self.encoder = GaussianEncoder(x_dim + config.classes, config.hidden, config.z_dim, config.activation)
-        self.decoder = BernoulliDecoder(config.z_dim + config.classes, tuple(reversed(config.hidden)),
-                                        x_dim, config.activation)
+        self.classifier = make_classifier(config.encoder, self.image_shape, self.x_dim,
+                                          config.classifier_hidden, config.activation, config.classes)
+        self.encoder = GaussianEncoder(make_encoder(config.encoder, self.image_shape, self.x_dim, config.hidden,
+                                                    config.activation, cond_dim=config.classes), config.z_dim)
+        self._likelihood_and_decoder(config.z_dim + config.classes, tuple(reversed(config.hidden)))
         # which training images are labelled: chosen by init_from_data, saved with the weights
         self.register_buffer("labelled", torch.zeros(config.labels, dtype=torch.long))
 
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(y, self.config.classes).to(self.decoder.net[0].weight.dtype)
+        return F.one_hot(y, self.config.classes).float()
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
         """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
         batch = x.shape[0]
-        zeros = self.decoder.net[0].weight.new_zeros(batch, self.config.z_dim)
+        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
         with pyro.plate("data", batch):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
             y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
-            logits = self.decoder(_cat(z, self._onehot(y)))
-            pyro.sample("x", BernoulliImage(logits), obs=x)
+            pyro.sample("x", self.decode(z, y), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
         """q(y | x) (enumerated when y is not given) and q(z | x, y)."""
@@ -114,7 +113,7 @@ class SSVAE(Family):
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
-            loc, scale = self.encoder(_cat(x, self._onehot(y)))
+            loc, scale = self.encoder(x, self._onehot(y))
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -202,43 +201,61 @@ class SSVAE(Family):
         probs = torch.cat([self.classify(x[i : i + 1000]) for i in range(0, len(x), 1000)])
         return calibration(probs, labels.to(probs.device))
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Bernoulli means p(x = 1 | y, z)."""
-        return torch.sigmoid(self.decoder(_cat(z, self._onehot(y))))
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """p(x | y, z): the decoder sees z beside the one-hot label."""
+        return self.likelihood.distribution(self.decoder(cat_last(z, self._onehot(y))))
 
     @torch.no_grad()
-    def sample(self, n: int, binary: bool = False) -> torch.Tensor:
-        """``n`` draws from the model (uniform label): pixel probabilities or 0/1 images."""
-        device = self.decoder.net[0].weight.device
-        y = torch.randint(self.config.classes, (n,), device=device)
-        probs = self.decode(torch.randn(n, self.config.z_dim, device=device), y)
-        return torch.bernoulli(probs) if binary else probs
+    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | y, z), for pictures."""
+        return self.likelihood.mean(self.decoder(cat_last(z, self._onehot(y))))
+
+    def _posterior_components(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x, y) for every label y at once: batch shape (batch, classes)."""
+        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
+        loc, scale = self.encoder(x, self._onehot(labels))  # (classes, batch, z_dim)
+        return dist.Normal(loc.transpose(0, 1), scale.transpose(0, 1)).to_event(1)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x) = sum_y q(y | x) q(z | x, y): the guide's marginal over z, a mixture."""
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.classifier(x)),
+                                      self._posterior_components(x))
 
     @torch.no_grad()
-    def sample_by_class(self, n: int) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z | x, y) at the classifier's label."""
+        return self.encoder(x, self._onehot(self.classify(x).argmax(-1)))
+
+    @torch.no_grad()
+    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` images from the model (uniform label): the likelihood's means, or draws."""
+        y = torch.randint(self.config.classes, (n,), device=self.device)
+        z = torch.randn(n, self.config.z_dim, device=self.device)
+        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
+
+    @torch.no_grad()
+    def sample_by_class(self, n: int, draw: bool = False) -> torch.Tensor:
         """``n`` samples of each class, rows = classes, the same n draws of z in every row
-        (so a column shows one style across the classes): shape (classes * n, x_dim)."""
-        device = self.decoder.net[0].weight.device
-        z = torch.randn(n, self.config.z_dim, device=device).repeat(self.config.classes, 1)
-        y = torch.arange(self.config.classes, device=device).repeat_interleave(n)
-        return self.decode(z, y)
+        (so a column shows one style across the classes): shape (classes * n, D); the
+        likelihood's means, or draws from it if ``draw``."""
+        z = torch.randn(n, self.config.z_dim, device=self.device).repeat(self.config.classes, 1)
+        y = torch.arange(self.config.classes, device=self.device).repeat_interleave(n)
+        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
 
     @torch.no_grad()
     def style_transfer(self, x: torch.Tensor) -> torch.Tensor:
         """Each input beside its style decoded with every label: z is the mean of
-        q(z | x, y) at the classifier's label. Shape (batch * (1 + classes), x_dim)."""
-        y = self.classify(x).argmax(-1)
-        z = self.encoder(_cat(x, self._onehot(y)))[0]
+        q(z | x, y) at the classifier's label. Shape (batch * (1 + classes), D)."""
+        z = self.encode(x)[0]
         classes = torch.arange(self.config.classes, device=x.device)
-        decoded = self.decode(z.repeat_interleave(self.config.classes, 0), classes.repeat(len(x)))
+        decoded = self.decode_mean(z.repeat_interleave(self.config.classes, 0), classes.repeat(len(x)))
         return torch.cat([x.unsqueeze(1), decoded.view(len(x), self.config.classes, -1)], 1).flatten(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the mean of q(z | x, y) at the classifier's label."""
         y = self.classify(x).argmax(-1)
-        return self.decode(self.encoder(_cat(x, self._onehot(y)))[0], y)
+        return self.decode_mean(self.encoder(x, self._onehot(y))[0], y)
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:

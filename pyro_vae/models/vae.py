@@ -1,11 +1,13 @@
 """The variational autoencoder (Kingma & Welling 2014) as a Pyro model/guide pair.
 
-    z ~ N(0, I),   x | z ~ Bernoulli(logits = decoder(z)),   q(z | x) = N(mu(x), diag sigma(x)^2)
+    z ~ N(0, I),   x | z ~ p(x | decoder(z)),   q(z | x) = N(mu(x), diag sigma(x)^2)
 
-Everything lives inside one ``pyro.plate("data")`` so that per-datapoint bounds (and
-RenyiELBO's particle weights) are per datapoint. ``kl_weight`` scales the latent site in
-both model and guide through ``poutine.scale``: beta-VAE and KL warm-up. Evaluation always
-uses the unscaled log-densities.
+p(x | .) is the configured likelihood (Bernoulli by default); the encoder and decoder
+are the configured networks (fully connected by default). Everything lives inside one
+``pyro.plate("data")`` so that per-datapoint bounds (and RenyiELBO's particle weights)
+are per datapoint. ``kl_weight`` scales the latent site in both model and guide through
+``poutine.scale``: beta-VAE and KL warm-up. Evaluation always uses the unscaled
+log-densities.
 """
 
 from __future__ import annotations
@@ -18,55 +20,60 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+
 from .. import plots
-from ..nets import BernoulliDecoder, BernoulliImage, GaussianEncoder
-from .base import Family
+from ..config import option
+from ..nets import ACTIVATIONS, GaussianEncoder, make_encoder
+from .base import Family, NetsConfig, Shape
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(NetsConfig):
     """Network shape of the VAE. Defaults: the one-stochastic-layer net of Burda et al. 2016."""
 
-    z_dim: int = 50
-    hidden: tuple[int, ...] = (200, 200)
-    activation: str = "tanh"
+    z_dim: int = option(50, "latent dimensions")
+    hidden: tuple[int, ...] = option((200, 200), "hidden layer sizes, comma separated (the decoder "
+                                     "mirrors them; conv nets use the last as their dense layer)")
+    activation: str = option("tanh", "activation function", ACTIVATIONS)
 
 
 class VAE(Family):
-    """Standard-normal prior, Bernoulli decoder, diagonal Gaussian guide."""
+    """Standard-normal prior, diagonal Gaussian guide, the configured networks and likelihood."""
 
     Config = VAEConfig
     default_objective = "meanfield"
     objectives = ("meanfield", "trace", "iwae", "renyi", "dreg")  # the flavours that train this pair
 
-    def __init__(self, x_dim: int, config: VAEConfig | None = None):
-        super().__init__()
-        self.config = config = config or VAEConfig()
-        self.x_dim = x_dim
-        self.encoder = GaussianEncoder(x_dim, config.hidden, config.z_dim, config.activation)
-        self.decoder = BernoulliDecoder(
-            config.z_dim, tuple(reversed(config.hidden)), x_dim, config.activation
-        )
+    def __init__(self, shape: Shape | int, config: VAEConfig | None = None):
+        super().__init__(shape, config or VAEConfig())
+        c = self.config
+        self.encoder = GaussianEncoder(
+            make_encoder(c.encoder, self.image_shape, self.x_dim, c.hidden, c.activation), c.z_dim)
+        self._likelihood_and_decoder(c.z_dim, tuple(reversed(c.hidden)))
 
     def prior(self, batch: int) -> dist.Distribution:
         """p(z) for ``batch`` datapoints, batch shape (batch,), event shape (z_dim,)."""
-        zeros = self.decoder.net[0].weight.new_zeros(batch, self.config.z_dim)
+        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
         return dist.Normal(zeros, 1.0).to_event(1)
 
     def model(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
-        """Generative story; ``x`` is a (batch, x_dim) tensor of 0/1 values."""
+        """Generative story; ``x`` is a (batch, D) tensor in the likelihood's support."""
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior(x.shape[0]))
-            logits = self.decoder(z)
-            pyro.sample("x", BernoulliImage(logits), obs=x)
+            pyro.sample("x", self.decode(z), obs=x)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x) = N(mu(x), diag sigma(x)^2)."""
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """Amortized posterior q(z | x)."""
         with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
+            q = self.posterior(x)
             with poutine.scale(scale=kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                pyro.sample("z", q)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,20 +81,15 @@ class VAE(Family):
         return self.encoder(x)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli means p(x = 1 | z)."""
-        return torch.sigmoid(self.decoder(z))
-
-    @torch.no_grad()
-    def sample(self, n: int, binary: bool = False) -> torch.Tensor:
-        """``n`` draws from the model: pixel probabilities, or 0/1 images if ``binary``."""
-        probs = self.decode(self.prior(n).sample())
-        return torch.bernoulli(probs) if binary else probs
+    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` draws from the model: the likelihood's means, or draws from it if ``draw``."""
+        z = self.prior(n).sample()
+        return self.decode(z).sample() if draw else self.decode_mean(z)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean of each input: the usual reconstruction picture."""
-        return self.decode(self.encode(x)[0])
+        return self.decode_mean(self.encode(x)[0])
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:

@@ -33,7 +33,7 @@ from pyro.nn import PyroModule
 from ..config import check_choices, option
 from ..data import Dataset
 from ..errors import ConfigError
-from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
+from ..likelihoods import GAUSSIAN_SCALES, LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
 
 Shape = tuple[int, ...]
@@ -48,7 +48,7 @@ class NetsConfig:
     likelihood: str = option("bernoulli", "p(x | z) of each pixel: bernoulli for 0/1 data; continuous-bernoulli, "
                              "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
     gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or "
-                                 "one for the whole image", ("pixel", "image"))
+                                 "one for the whole image", GAUSSIAN_SCALES)
     logistic_mixtures: int = option(5, "mixture components of --likelihood discretized-logistic")
 
     def likelihood_config(self) -> LikelihoodConfig:

@@ -105,8 +105,138 @@ class GaussianEncoder(nn.Module):
         return self.loc(h), F.softplus(self.scale(h)) + 1e-6
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"mlp": MLPEncoder}
-DECODERS: dict[str, type[nn.Module]] = {"mlp": MLPDecoder}
+CONV_CHANNELS = (32, 64)  # channels of the first two stages; later stages keep the last
+CONV_MIN_SIDE = 4  # the two compulsory stages take a side of 4 down to 1
+
+
+def conv_plan(image_shape: tuple[int, int, int] | None, x_dim: int,
+              what: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The channels and spatial sizes of the stride-2 stages for images of ``image_shape``.
+
+    Two stages always, then one more while both sides are still at least 8 (so 28x28 stops
+    at 7x7, 32x32 goes on to 4x4, 64x64 to 4x4), which keeps the flattened features, and so
+    the fully connected layer, small for larger images. Returns the output channels of each
+    stage and the (h, w) after each stage. ``what`` names the network in the errors.
+    """
+    if image_shape is None:
+        raise ConfigError(f"the conv {what} needs images with a (C, H, W) shape; these data are "
+                          f"vectors of {x_dim} values: use --{what} mlp")
+    c, h, w = image_shape
+    if c * h * w != x_dim:
+        raise ConfigError(f"the conv {what} got image shape {tuple(image_shape)} ({c * h * w} values) "
+                          f"for data of {x_dim} values per item")
+    if h < CONV_MIN_SIDE or w < CONV_MIN_SIDE:
+        raise ConfigError(f"the conv {what} needs H and W of at least {CONV_MIN_SIDE}; these images "
+                          f"are {h}x{w}: use --{what} mlp")
+    sizes: list[tuple[int, int]] = []
+    while len(sizes) < 2 or min(h, w) >= 8:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        sizes.append((h, w))
+    channels = [CONV_CHANNELS[min(i, len(CONV_CHANNELS) - 1)] for i in range(len(sizes))]
+    return channels, sizes
+
+
+def _width(hidden: Sequence[int], index: int, what: str) -> int:
+    """The fully connected width taken from ``hidden``; a conv net needs one."""
+    if not hidden:
+        raise ConfigError(f"the conv {what} needs at least one --hidden width for its fully "
+                          "connected layer")
+    return int(hidden[index])
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional encoder body: stride-2 convolutions, flatten, then one fully connected
+    layer of ``hidden[-1]`` units (the width the MLP body would hand to the heads).
+
+    ``cond`` (a one-hot label, say) is joined to the flattened conv features before the fully
+    connected layer, so the image goes through the convolutions once however many labels are
+    enumerated: the conv features are computed on ``x``'s own leading dims and broadcast
+    against ``cond``'s.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int] | None, x_dim: int, hidden: tuple[int, ...],
+                 act: str, cond_dim: int = 0):
+        super().__init__()
+        channels, sizes = conv_plan(image_shape, x_dim, "encoder")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.cond_dim = cond_dim
+        self.out_dim = _width(hidden, -1, "encoder")
+        layers: list[nn.Module] = []
+        c_in = self.image_shape[0]
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), activation(act)]
+            c_in = c_out
+        self.conv = nn.Sequential(*layers)
+        h, w = sizes[-1]
+        self.features = c_in * h * w
+        self.fc = nn.Sequential(nn.Linear(self.features + cond_dim, self.out_dim), activation(act))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., C*H*W) flat channel-first, cond (..., cond_dim) -> (..., out_dim)."""
+        if (cond is None) != (self.cond_dim == 0):
+            raise ValueError(f"this encoder takes a condition of {self.cond_dim} values; got "
+                             f"{None if cond is None else tuple(cond.shape)}")
+        lead = x.shape[:-1]
+        h = self.conv(x.reshape(-1, *self.image_shape)).reshape(*lead, self.features)
+        return self.fc(h if cond is None else cat_last(h, cond))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class ConvDecoder(nn.Module):
+    """Convolutional decoder in the DCGAN style, the encoder's mirror: a fully connected layer
+    of ``hidden[0]`` units (the MLP decoder's first width), a linear map to the encoder's
+    smallest feature map, then 4x4 stride-2 transposed convolutions up to at least H x W, the
+    last of which gives the C * P output channels, and a top-left crop to exactly H x W.
+
+    The output is parameter-major: ``out.view(..., P, C*H*W)[..., p, :]`` is parameter p of
+    every value in channel-first order. A convolution's bias is one number per channel, so
+    the per-value output bias that a likelihood's ``init_bias`` sets is a separate parameter
+    ``out_bias`` of shape (P*D,), and the last convolution has no bias of its own.
+    """
+
+    def __init__(self, in_dim: int, image_shape: tuple[int, int, int] | None, x_dim: int,
+                 params_per_value: int, hidden: tuple[int, ...], act: str):
+        super().__init__()
+        channels, sizes = conv_plan(image_shape, x_dim, "decoder")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.params_per_value = params_per_value
+        width = _width(hidden, 0, "decoder")
+        self.start = (channels[-1], *sizes[-1])
+        self.fc = nn.Sequential(nn.Linear(in_dim, width), activation(act),
+                                nn.Linear(width, math.prod(self.start)), activation(act))
+        # Encoder stage i maps channels[i-1] to channels[i]; undo the stages in reverse.
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:0:-1], channels[-2::-1]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
+        self.deconv = nn.Sequential(*layers)
+        # Output channel p*C + c is parameter p of image channel c, so flattening the
+        # (P*C, H, W) output is already the parameter-major (P, C, H, W) order.
+        self.out = nn.ConvTranspose2d(channels[0], self.image_shape[0] * params_per_value, 4,
+                                      stride=2, padding=1, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(params_per_value * x_dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., in_dim) -> (..., P*C*H*W), parameter-major."""
+        lead = z.shape[:-1]
+        _, h, w = self.image_shape
+        y = self.out(self.deconv(self.fc(z).reshape(-1, *self.start)))[..., :h, :w]
+        return y.reshape(*lead, -1) + self.out_bias
+
+    @torch.no_grad()
+    def init_output_bias(self, bias: torch.Tensor) -> None:
+        """Set the per-value output bias, shape (P*D,) in the output's parameter-major order."""
+        self.out_bias.copy_(bias.reshape(self.out_bias.shape))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"mlp": MLPEncoder, "conv": ConvEncoder}
+DECODERS: dict[str, type[nn.Module]] = {"mlp": MLPDecoder, "conv": ConvDecoder}
 
 
 def _lookup(registry: dict[str, type], name: str, what: str) -> type:

@@ -206,7 +206,9 @@ def format_summary(s: dict[str, Any]) -> str:
     rows += [("log p(x) estimate", s["log_px"])]
     for label, st in rows:
         lines.append(f"{label:<18}{fmt(st['mean'], digits=2)}{fmt(st['mc_se'])}{fmt(st['data_se'])}")
-    lines.append(f"{'NLL':<18}{fmt(-s['log_px']['mean'], digits=2)}")
+    lines.append(f"{'NLL':<18}{fmt(-s['log_px']['mean'], digits=2)}"
+                 + (f"  nats per image, {s['log_px']['bits_per_dim']:.4f} bits/dim"
+                    if "bits_per_dim" in s["log_px"] else ""))
     for key in ("accuracy", "error", "ece"):
         if key in s:
             lines.append(f"{'classifier ' + key:<18}{fmt(s[key], digits=4)}")

@@ -3,6 +3,7 @@ metrics. Shared by ``pyro-vae evaluate``, ``pyro-vae cluster`` and the experimen
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,5 +45,15 @@ def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_par
                           batch_size=batch_size, max_rows=max_rows, progress=progress)
     summary = {"run": str(run.dir.path), "model": run.model_name, "seed": seed,
                "seconds": time.perf_counter() - start, "device": str(x.device),
-               **est.summary(), **run.model.metrics(x, labels)}
+               "likelihood": run.model.likelihood.name, **est.summary(), **run.model.metrics(x, labels)}
+    if run.model.likelihood.discrete:
+        add_bits_per_dim(summary, x.shape[1])
     return summary, est
+
+
+def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
+    """Beside each bound and estimate in nats per image, the same in bits per dimension,
+    -value / (D ln 2): the unit of the grey and colour image literature. Only for
+    likelihoods of discrete data (log-masses, not densities)."""
+    for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values()]:
+        entry["bits_per_dim"] = -entry["mean"] / (dims * math.log(2))

@@ -12,16 +12,20 @@ import pyro
 from .bounds import BoundEstimates, estimate_bounds, log_weights
 from .data import Dataset, load_dataset
 from .errors import PyroVAEError
-from .models import GMVAE, IWAE, MODELS, SSVAE, VAE, GMVAEConfig, SSVAEConfig, VAEConfig, build_model
-from .objectives import OBJECTIVES, RenyiObjective, make_objective
+from .likelihoods import LIKELIHOODS, make_likelihood
+from .models import (GMVAE, IWAE, MODELS, SSVAE, VAE, Family, GMVAEConfig, NetsConfig, SSVAEConfig, VAEConfig,
+                     build_model)
+from .nets import DECODERS, ENCODERS
+from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, make_objective
 from .train import Run, TrainConfig, fit, load_run, resume
 
 pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 __all__ = [
-    "BoundEstimates", "build_model", "Dataset", "estimate_bounds", "fit", "GMVAE",
-    "GMVAEConfig", "IWAE", "load_dataset", "load_run", "log_weights", "make_objective",
-    "MODELS", "OBJECTIVES", "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE",
-    "SSVAEConfig", "TrainConfig", "VAE", "VAEConfig",
+    "BoundEstimates", "build_model", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
+    "GMVAE", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "load_run", "log_weights",
+    "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
+    "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
+    "VAEConfig",
 ]

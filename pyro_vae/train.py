@@ -187,7 +187,10 @@ def fit(
         train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
     train.check()
     if train.objective not in cls.objectives:
-        raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}; "
+        spec = objective_spec(train.objective)
+        why = (" (it needs a reparameterized guide without enumerated sites)"
+               if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
+        raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}{why}; "
                           f"use one of {', '.join(cls.objectives)}")
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     RunDir.check_free(run_dir)  # before the data loads: fail fast

@@ -73,6 +73,7 @@ class Family(PyroModule):
     objectives: ClassVar[tuple[str, ...]]  # the ELBO flavours that are correct for this pair
     has_clusters: ClassVar[bool] = False  # assign(x): mixture components (pyro-vae cluster)
     has_classes: ClassVar[bool] = False  # a class label y: sample_by_class, classifier metrics
+    enumerates_in_guide: ClassVar[bool] = False  # a discrete site summed out in the guide
 
     likelihood: Likelihood
     decoder: torch.nn.Module

@@ -76,6 +76,7 @@ class SSVAE(Family):
     default_objective = "enum"
     objectives = ("enum",)
     has_classes = True
+    enumerates_in_guide = True
 
     def __init__(self, shape: Shape | int, config: SSVAEConfig | None = None):
         super().__init__(shape, config or SSVAEConfig())

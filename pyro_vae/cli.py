@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from . import plots
 from .evaluation import evaluate_run, split_data
-from .data import load_dataset, random_rows
+from .data import DATASETS, default_data_dir, random_rows
 from .errors import ConfigError, PyroVAEError
 from .models import MODELS
 from .models.gmvae import cluster_accuracy
@@ -332,15 +332,17 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
     click.echo(f"wrote {out} and assignments in {out.with_suffix('.npz')}")
 
 
-@main.command()
-@click.argument("dataset", type=click.Choice(["mnist", "binarized-mnist"]))
+@main.command(help="Fetch a dataset now, for use offline later.\n\n\b\n" + "\n".join(
+    f"{name:16} {spec.description}" for name, spec in DATASETS.items()))
+@click.argument("dataset", type=click.Choice(list(DATASETS)))
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="where to put it (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")
 def download(dataset: str, data_dir: str | None) -> None:
-    """Fetch a dataset now, for use offline later."""
-    data = load_dataset(dataset, data_dir, download=True)
+    """Fetch a dataset now, for use offline later (help lists the registry)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    data = DATASETS[dataset].download(root)
     sizes = ", ".join(f"{k} {v.shape[0]}" for k, v in data.splits.items())
-    click.echo(f"{dataset} ready ({sizes})")
+    click.echo(f"{dataset} ready in {root} ({sizes})")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,58 @@
 """Datasets as in-memory tensors, binarization, and batching.
 
-Every dataset is held as float tensors of shape (N, D) with values in [0, 1]; images are
-flattened and their (H, W) kept for plots. Binarization is done in bulk on whole tensors:
+Every dataset is held as flat tensors of shape (N, D), ``D = C * H * W`` flattened from
+channel-first (C, H, W) images, with their ``image_shape`` (C, H, W) kept for the networks
+and the figures. Values are in [0, 1]: float32, or, for 8-bit sources other than MNIST,
+uint8 grey levels ``k`` that stand for ``k / 255`` and are converted when a split or a batch
+is read (CelebA as float32 would take 8 GB; as uint8 it takes 2 GB). Binarization is done on
+whole tensors (float storage) or per batch (uint8 storage):
 
 - ``dynamic``: a fresh Bernoulli draw of the grey levels for each training epoch, and one
   fixed-seed draw for evaluation (so every model is scored on the same binary images);
 - ``threshold``: pixel > 0.5;
-- ``none``: the data must already be 0/1 (statically binarized MNIST, user binary data).
+- ``none``: the data as they are (binary data for a Bernoulli decoder, grey levels for the
+  grey-level likelihoods, which check their own support).
 
-Sources: ``mnist`` (torchvision layout, first 50k train / last 10k validation / t10k test),
-``binarized-mnist`` (Larochelle & Murray's .amat files, 50k/10k/10k), or the path of a
-``.npy``/``.npz`` array of shape (N, H, W) or (N, D); an ``.npz`` may hold splits
-``train``/``valid``/``test`` and integer class labels ``train_labels``... (``labels`` beside
-a single array).
+Named sources live in ``DATASETS`` and are read through torchvision's classes (binarized
+MNIST from Larochelle & Murray's .amat files). Their splits, from the sources' own
+train/test files; a validation split is held out from the end of the training file:
+
+| name | train / valid / test | how valid is made | image | labels |
+| --- | --- | --- | --- | --- |
+| mnist | 50,000 / 10,000 / 10,000 | last sixth of train | 1x28x28 | 10 digits |
+| binarized-mnist | 50,000 / 10,000 / 10,000 | its own file | 1x28x28 | none |
+| fashion-mnist | 50,000 / 10,000 / 10,000 | last sixth of train | 1x28x28 | 10 garments |
+| kmnist | 50,000 / 10,000 / 10,000 | last sixth of train | 1x28x28 | 10 characters |
+| emnist (letters) | 104,000 / 20,800 / 20,800 | last sixth of train | 1x28x28 | 26 letters, 0 = a |
+| omniglot | 17,352 / 1,928 / 13,180 | last 2 of each character's 20 | 1x28x28 | 1623 characters |
+| cifar10 | 45,000 / 5,000 / 10,000 | last tenth of train | 3x32x32 | 10 classes |
+| svhn | 65,931 / 7,326 / 26,032 | last tenth of train | 3x32x32 | 10 digits |
+| celeba | 162,770 / 19,867 / 19,962 | official partition | 3x64x64 | none |
+
+Preprocessing: EMNIST's files store each image transposed, so it is transposed back
+(letters upright). Omniglot's 105x105 black-on-white drawings are inverted (strokes 1) and
+averaged down to 28x28 (PIL box filter); its background alphabets give train and valid,
+the evaluation alphabets test, and characters are numbered over both sets (0..963
+background, 964..1622 evaluation) in sorted path order. CelebA's aligned 178x218 faces are
+center-cropped to 148x148 and resized to 64x64 (PIL bilinear), the usual VAE/GAN setting;
+the result is cached beside the images as .npy files, since decoding 202,599 JPEGs takes
+minutes.
+
+Or the path of a ``.npy``/``.npz`` array: (N, D) vectors, (N, H, W) grey images, or
+(N, H, W, C) / (N, C, H, W) images with C = 1 or 3, as uint8 (divided by 255), bool, or
+floats in [0, 1]. An ``.npz`` may hold splits ``train``/``valid``/``test`` and integer class
+labels ``train_labels``... (``labels`` beside a single array).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,29 +60,47 @@ import torch
 from .errors import DataError
 
 BINARIZATIONS = ("dynamic", "threshold", "none")
-LAYOUTS = ("auto", "nhwc", "nchw")  # TEMP until the datasets branch lands
-DATASET_NAMES = ("mnist", "binarized-mnist")
-
-
-def as_chw(shape):  # TEMP
-    if not shape:
-        return None
-    return (1, *shape) if len(shape) == 2 else tuple(shape)
+LAYOUTS = ("auto", "nhwc", "nchw")
 EVAL_BINARIZATION_SEED = 20140101  # fixed: every run sees the same binary test images
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
 AMAT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
+CELEBA_CROP, CELEBA_SIDE = 148, 64
+OMNIGLOT_SIDE = 28
+
+T = TypeVar("T")
+
+
+def as_chw(shape: Sequence[int] | None) -> tuple[int, int, int] | None:
+    """An image shape as (C, H, W): old run directories stored grey images as [H, W]."""
+    if shape is None or len(shape) == 0:
+        return None
+    if len(shape) == 2:
+        return (1, int(shape[0]), int(shape[1]))
+    if len(shape) == 3:
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+    raise DataError(f"image shape {list(shape)} is neither [H, W] nor [C, H, W]")
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] as float32: uint8 grey levels k become k / 255."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
 
 
 @dataclass
 class Dataset:
-    """Train/valid/test splits as float tensors in [0, 1], with their binarization mode."""
+    """Train/valid/test splits as flat (N, D) tensors in [0, 1] (float32, or uint8 for k / 255),
+    with their binarization mode, image shape (C, H, W), class labels where the source has
+    them, and a note on how a user's array was read (empty for named datasets)."""
 
     name: str
     splits: dict[str, torch.Tensor]
     binarize: str
-    image_shape: tuple[int, ...] | None = None
+    image_shape: tuple[int, int, int] | None = None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""
+
+    def __post_init__(self) -> None:
+        self.image_shape = as_chw(self.image_shape)
 
     @property
     def x_dim(self) -> int:
@@ -59,12 +108,23 @@ class Dataset:
         return self.splits["train"].shape[1]
 
     def split(self, name: str) -> torch.Tensor:
-        """The grey-level (unbinarized) tensor of one split."""
+        """The grey-level (unbinarized) float tensor of one split."""
         if name not in self.splits:
             raise DataError(
                 f"dataset {self.name!r} has no {name!r} split; it has {', '.join(self.splits)}"
             )
-        return self.splits[name]
+        return _to_float(self.splits[name])
+
+    def pixel_mean(self, name: str = "train") -> torch.Tensor:
+        """The mean image of a split, (D,) float32; uint8 splits are summed in chunks so
+        that no float copy of a large split is made."""
+        if name not in self.splits or self.splits[name].dtype != torch.uint8:
+            return self.split(name).float().mean(0)
+        x = self.splits[name]
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        for i in range(0, x.shape[0], 10_000):
+            total += x[i : i + 10_000].sum(0, dtype=torch.float64)
+        return (total / (255.0 * x.shape[0])).float()
 
     def eval_data(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """One split binarized once with a fixed seed: the data every evaluation scores."""
@@ -74,6 +134,7 @@ class Dataset:
     def binarized(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``x`` as the decoder sees it under this dataset's binarization (a draw from
         ``gen`` when dynamic)."""
+        x = _to_float(x)
         if self.binarize == "dynamic":
             return torch.bernoulli(x, generator=gen)
         if self.binarize == "threshold":
@@ -84,14 +145,23 @@ class Dataset:
         self, batch_size: int, epoch: int, seed: int, device: torch.device | str = "cpu",
         start: int = 0, rows: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Shuffled training batches of one epoch (of the training ``rows`` only, if
+        """Shuffled float training batches of one epoch (of the training ``rows`` only, if
         given), from batch index ``start`` on.
 
         Order and binarization depend only on (seed, epoch), so a run resumed mid-epoch
-        sees exactly the batches it would have seen."""
+        sees exactly the batches it would have seen. Float splits are binarized whole;
+        uint8 splits are converted and binarized batch by batch (each batch from its own
+        generator, so that skipping to ``start`` needs no draws), which keeps memory at
+        one batch of floats."""
         x = self.splits["train"] if rows is None else self.splits["train"][rows]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(x.shape[0], generator=gen)
+        if x.dtype == torch.uint8:
+            base = int(torch.randint(0, 2**62, (1,), generator=gen))
+            for b in range(start, -(-x.shape[0] // batch_size)):
+                batch = x[perm[b * batch_size : (b + 1) * batch_size]]
+                yield self.binarized(batch, torch.Generator().manual_seed(base + b)).to(device)
+            return
         x = self.binarized(x, gen)[perm].to(device)
         for i in range(start * batch_size, x.shape[0], batch_size):
             yield x[i : i + batch_size]
@@ -103,6 +173,22 @@ class Dataset:
 
 
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named source: its loader, a one-line description, the binarization a Bernoulli
+    decoder needs by default, and whether its items carry class labels."""
+
+    name: str
+    load: Callable[[Path, bool], Dataset]  # (data root, download allowed) -> Dataset
+    description: str
+    binarize: str
+    has_labels: bool
+
+    def download(self, root: Path) -> Dataset:
+        """Fetch the source's files into ``root`` (and read them back, which checks them)."""
+        return self.load(Path(root), True)
 
 
 def random_rows(total: int, n: int, seed: int) -> torch.Tensor:
@@ -172,27 +258,37 @@ def load_dataset(
     seed: int = 0,
     layout: str = "auto",
 ) -> Dataset:
-    """Load a named dataset or a ``.npy``/``.npz`` file (see the module docstring).
+    """Load a named dataset (``DATASETS``) or a ``.npy``/``.npz`` file (see the module
+    docstring).
 
-    ``binarize=None`` picks the source's default: dynamic for MNIST, none otherwise.
+    ``binarize=None`` picks the source's default for a Bernoulli decoder (dynamic for
+    8-bit grey sources, none for binary ones and for arrays); grey-level likelihoods pass
+    "none". ``valid_fraction`` and ``seed`` hold out the validation split of an array that
+    has none; ``layout`` says how to read 4-D arrays whose shape fits both (N, H, W, C) and
+    (N, C, H, W). Whether the values suit the decoder is the likelihood's check, not this.
     """
     if binarize is not None and binarize not in BINARIZATIONS:
         raise DataError(f"unknown binarization {binarize!r}; choose one of {', '.join(BINARIZATIONS)}")
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown --layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if source == "mnist":
-        ds = _load_mnist(root, download)
-        ds.binarize = binarize or "dynamic"
-    elif source == "binarized-mnist":
-        ds = _load_binarized_mnist(root, download)
-        ds.binarize = binarize or "none"
+    spec = DATASETS.get(source)
+    if spec is not None:
+        if layout != "auto":
+            raise DataError(f"--layout applies to .npy/.npz files only; {source} has a fixed layout")
+        ds = spec.load(root, download)
+        ds.binarize = binarize or spec.binarize
     elif source.endswith((".npy", ".npz")):
-        ds = _load_array(Path(source), valid_fraction, seed)
+        ds = _load_array(Path(source), valid_fraction, seed, layout)
         ds.binarize = binarize or "none"
     else:
         raise DataError(
-            f"unknown dataset {source!r}; use mnist, binarized-mnist, or the path of a .npy/.npz file"
+            f"unknown dataset {source!r}; use one of {', '.join(DATASETS)}, or the path of a .npy/.npz file"
         )
     return ds
+
+
+# --- user arrays -------------------------------------------------------------------------
 
 
 def _check_range(x: np.ndarray, what: str) -> np.ndarray:
@@ -214,16 +310,58 @@ def _check_range(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def _flatten(x: np.ndarray, what: str) -> tuple[np.ndarray, tuple[int, ...] | None]:
-    if x.ndim == 3:
-        return x.reshape(x.shape[0], -1), tuple(x.shape[1:])
+def _channel_layout(shape: tuple[int, ...], layout: str, what: str) -> str:
+    """How to read a 4-D array: "nhwc" or "nchw", from ``layout`` or, for "auto", from
+    which axis can hold 1 or 3 channels; a shape that fits both ways is refused."""
+    fits = {"nhwc": shape[3], "nchw": shape[1]}
+    if layout != "auto":
+        channels = fits[layout]
+        if channels == 4:
+            raise DataError(f"{what} has shape {shape}: 4 channels (RGBA?) are not supported; drop "
+                            "the alpha channel or composite the images onto a background first")
+        if channels not in (1, 3):
+            raise DataError(f"{what} has shape {shape}: with --layout {layout} the channel axis has "
+                            f"{channels} entries, but images have 1 (grey) or 3 (RGB)")
+        return layout
+    candidates = [name for name, channels in fits.items() if channels in (1, 3)]
+    if len(candidates) == 2:
+        raise DataError(f"{what} has shape {shape}, which reads both as (N, H, W, C) and as "
+                        "(N, C, H, W); pass --layout nhwc or --layout nchw")
+    if not candidates:
+        if 4 in fits.values():
+            raise DataError(f"{what} has shape {shape}: 4 channels (RGBA?) are not supported; drop "
+                            "the alpha channel or composite the images onto a background first")
+        raise DataError(f"{what} has shape {shape}; expected (N, D) vectors, (N, H, W) grey images, "
+                        "or (N, H, W, C) / (N, C, H, W) images with C = 1 or 3")
+    return candidates[0]
+
+
+def _flatten(x: np.ndarray, layout: str, what: str) -> tuple[np.ndarray, tuple[int, int, int] | None, str]:
+    """Flat (N, D) items in channel-first order, their image shape (C, H, W) or None, and a
+    note saying how the array was read."""
+    n = x.shape[0] if x.ndim else 0
+    read = f"read {what} {tuple(x.shape)} as {n}"
     if x.ndim == 2:
         side = int(round(x.shape[1] ** 0.5))
-        return x, (side, side) if side * side == x.shape[1] else None
-    raise DataError(f"{what} has shape {x.shape}; expected (N, H, W) images or (N, D) vectors")
+        if side * side == x.shape[1]:
+            return x, (1, side, side), f"{read} grey images 1x{side}x{side} (each row a square image)"
+        return x, None, f"{read} vectors of {x.shape[1]} values"
+    if x.ndim == 3:
+        shape = (1, x.shape[1], x.shape[2])
+        return x.reshape(n, -1), shape, f"{read} grey images 1x{shape[1]}x{shape[2]}"
+    if x.ndim == 4:
+        order = _channel_layout(tuple(x.shape), layout, what)
+        if order == "nhwc":
+            x = x.transpose(0, 3, 1, 2)
+        c, h, w = x.shape[1:]
+        kind = "grey" if c == 1 else "colour"
+        where = "channels last" if order == "nhwc" else "channels first"
+        return np.ascontiguousarray(x).reshape(n, -1), (c, h, w), f"{read} {kind} images {c}x{h}x{w} ({where})"
+    raise DataError(f"{what} has shape {tuple(x.shape)}; expected (N, D) vectors, (N, H, W) grey images, "
+                    "or (N, H, W, C) / (N, C, H, W) images with C = 1 or 3")
 
 
-def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
+def _load_array(path: Path, valid_fraction: float, seed: int, layout: str = "auto") -> Dataset:
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
     try:
@@ -240,15 +378,16 @@ def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
         arrays = {"all": arrays[images[0]], **({"labels": arrays["labels"]} if "labels" in arrays else {})}
     splits: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
-    shape = None
+    shapes: dict[str, tuple[int, int, int] | None] = {}
+    notes = []
     for key in ("all", "train", "valid", "test"):
         if key in arrays:
-            x, shape_k = _flatten(_check_range(arrays[key], f"{path.name}[{key}]"), f"{path.name}[{key}]")
-            splits[key] = x
-            shape = shape or shape_k
+            what = path.name if key == "all" else f"{path.name}[{key}]"
+            splits[key], shapes[key], note = _flatten(_check_range(arrays[key], what), layout, what)
+            notes.append(note)
             label_key = "labels" if key == "all" else f"{key}_labels"
             if label_key in arrays:
-                labels[key] = _check_labels(arrays[label_key], len(x), f"{path.name}[{label_key}]")
+                labels[key] = _check_labels(arrays[label_key], len(splits[key]), f"{path.name}[{label_key}]")
     if not splits:
         raise DataError(
             f"{path} holds arrays {', '.join(arrays)}; an .npz needs 'train' (and optionally "
@@ -257,6 +396,10 @@ def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
     dims = {x.shape[1] for x in splits.values()}
     if len(dims) > 1:
         raise DataError(f"the arrays in {path} have different sizes per item: {sorted(dims)}")
+    image_shapes = {s for s in shapes.values() if s is not None}
+    if len(image_shapes) > 1:
+        raise DataError(f"the arrays in {path} hold images of different shapes: "
+                        f"{', '.join('x'.join(map(str, s)) for s in sorted(image_shapes))}")
     if "all" in splits:
         splits["train"] = splits.pop("all")
         if "all" in labels:
@@ -276,8 +419,9 @@ def _load_array(path: Path, valid_fraction: float, seed: int) -> Dataset:
         name=path.name,
         splits={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in splits.items()},
         binarize="none",
-        image_shape=shape,
+        image_shape=next(iter(image_shapes), None),
         labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in labels.items()},
+        note="; ".join(notes),
     )
 
 
@@ -290,6 +434,9 @@ def _check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+# --- named sources -----------------------------------------------------------------------
+
+
 def _missing(what: str, where: Path, why: str, how: str) -> DataError:
     return DataError(
         f"{what} is not in {where} and could not be downloaded ({why}). {how} "
@@ -297,29 +444,55 @@ def _missing(what: str, where: Path, why: str, how: str) -> DataError:
     )
 
 
-def _load_mnist(root: Path, download: bool) -> Dataset:
-    from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
-
-    raw = root / "MNIST" / "raw"
+def _open(name: str, what: str, root: Path, folder: str, files: str, make: Callable[[], T]) -> T:
+    """``make()`` (a torchvision dataset), with any failure to find or fetch its files told
+    as one line: where the files are expected and how to get them."""
     try:
-        train = MNIST(str(root), train=True, download=download)
-        test = MNIST(str(root), train=False, download=download)
+        return make()
+    except DataError:
+        raise
     except Exception as e:  # offline downloads raise URLError, RuntimeError, ...
         raise _missing(
-            "MNIST", raw, str(e).splitlines()[0] if str(e) else type(e).__name__,
-            "On a machine with internet run `pyro-vae download mnist --data-dir DIR` and copy "
-            "DIR/MNIST/raw here (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte).",
+            what, root / folder, str(e).splitlines()[0] if str(e) else type(e).__name__,
+            f"On a machine with internet run `pyro-vae download {name} --data-dir DIR` and copy "
+            f"DIR/{folder} here ({files}).",
         ) from None
-    x_train = train.data.reshape(-1, 784).float() / 255.0
-    x_test = test.data.reshape(-1, 784).float() / 255.0
-    return Dataset(
-        name="mnist",
-        splits={"train": x_train[:50_000], "valid": x_train[50_000:], "test": x_test},
-        labels={"train": train.targets[:50_000], "valid": train.targets[50_000:], "test": test.targets},
-        binarize="dynamic",
-        image_shape=(28, 28),
-    )
+
+
+def _hold_out_last(
+    x: torch.Tensor, y: torch.Tensor | None, share: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train and valid from one training file: the last ``1/share`` of it validates."""
+    n_train = x.shape[0] - round(x.shape[0] / share)
+    splits = {"train": x[:n_train], "valid": x[n_train:]}
+    return splits, {} if y is None else {"train": y[:n_train], "valid": y[n_train:]}
+
+
+def _idx_source(
+    root: Path, download: bool, *, name: str, what: str, cls: str, files: str,
+    options: dict[str, Any] | None = None, transpose: bool = False, first_label: int = 0,
+    as_float: bool = False,
+) -> Dataset:
+    """An MNIST-style source (idx files read by torchvision class ``cls``): the last sixth
+    of the training file validates. ``transpose`` turns images stored transposed upright;
+    labels are shifted so that the first class is 0. ``as_float`` keeps the float32 storage
+    of the original MNIST loader, whose training stream must stay bit-identical."""
+    import torchvision.datasets  # imported here: torchvision is slow to import
+
+    make = functools.partial(getattr(torchvision.datasets, cls), str(root), download=download, **(options or {}))
+    folder = f"{cls}/raw"
+    train = _open(name, what, root, folder, files, lambda: make(train=True))
+    test = _open(name, what, root, folder, files, lambda: make(train=False))
+
+    def images(data: torch.Tensor) -> torch.Tensor:
+        data = data.transpose(1, 2) if transpose else data
+        flat = data.reshape(data.shape[0], -1)
+        return flat.float() / 255.0 if as_float else flat.contiguous()
+
+    splits, labels = _hold_out_last(images(train.data), train.targets - first_label, 6)
+    return Dataset(name=name, splits={**splits, "test": images(test.data)},
+                   labels={**labels, "test": test.targets - first_label},
+                   binarize="dynamic", image_shape=(1, 28, 28))
 
 
 def _read_amat(path: Path, expected: int) -> np.ndarray:
@@ -352,4 +525,161 @@ def _load_binarized_mnist(root: Path, download: bool) -> Dataset:
                 raise _missing("statically binarized MNIST", folder, str(e),
                                f"Get binarized_mnist_{{train,valid,test}}.amat from {AMAT_URL.format('SPLIT')}.") from None
         splits[split] = torch.from_numpy(_read_amat(path, size))
-    return Dataset(name="binarized-mnist", splits=splits, binarize="none", image_shape=(28, 28))
+    return Dataset(name="binarized-mnist", splits=splits, binarize="none", image_shape=(1, 28, 28))
+
+
+def _omniglot_set(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The drawings of one Omniglot set as (N, 784) uint8 with strokes bright, their
+    character numbers, and the number of characters. Characters are taken in sorted path
+    order (torchvision lists folders in file-system order, which differs across machines)."""
+    from PIL import Image
+
+    characters = sorted(c for a in folder.iterdir() if a.is_dir() for c in a.iterdir() if c.is_dir())
+    images, labels = [], []
+    for index, character in enumerate(characters):
+        for png in sorted(character.glob("*.png")):
+            with Image.open(png) as img:
+                small = img.convert("L").resize((OMNIGLOT_SIDE, OMNIGLOT_SIDE), Image.Resampling.BOX)
+            images.append(255 - np.asarray(small, dtype=np.uint8).reshape(-1))
+            labels.append(index)
+    empty = np.zeros((0, OMNIGLOT_SIDE**2), np.uint8)
+    return (np.stack(images) if images else empty), np.asarray(labels, dtype=np.int64), len(characters)
+
+
+def _last_of_each_class(labels: torch.Tensor, share: int) -> torch.Tensor:
+    """A mask of the last ``1/share`` of each class's items, in file order."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        mask[members[len(members) - round(len(members) / share) :]] = True
+    return mask
+
+
+def _load_omniglot(root: Path, download: bool) -> Dataset:
+    from torchvision.datasets import Omniglot
+
+    files = "images_background.zip and images_evaluation.zip, each beside its unpacked folder"
+    offset, parts = 0, []
+    for background in (True, False):
+        source = _open("omniglot", "Omniglot", root, Omniglot.folder, files,
+                       lambda: Omniglot(str(root), background=background, download=download))
+        x, y, n_characters = _omniglot_set(Path(source.target_folder))
+        parts.append((torch.from_numpy(x), torch.from_numpy(y) + offset))
+        offset += n_characters
+    (x, y), (x_test, y_test) = parts
+    valid = _last_of_each_class(y, 10)
+    return Dataset(
+        name="omniglot",
+        splits={"train": x[~valid], "valid": x[valid], "test": x_test},
+        labels={"train": y[~valid], "valid": y[valid], "test": y_test},
+        binarize="dynamic", image_shape=(1, OMNIGLOT_SIDE, OMNIGLOT_SIDE),
+    )
+
+
+def _load_cifar10(root: Path, download: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    files = "data_batch_1 ... data_batch_5, test_batch, batches.meta"
+
+    def read(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        source = _open("cifar10", "CIFAR-10", root, CIFAR10.base_folder, files,
+                       lambda: CIFAR10(str(root), train=train, download=download))
+        chw = np.ascontiguousarray(source.data.transpose(0, 3, 1, 2))  # torchvision gives (N, H, W, C)
+        return torch.from_numpy(chw.reshape(len(chw), -1)), torch.tensor(source.targets, dtype=torch.int64)
+
+    x, y = read(True)
+    x_test, y_test = read(False)
+    splits, labels = _hold_out_last(x, y, 10)
+    return Dataset(name="cifar10", splits={**splits, "test": x_test}, labels={**labels, "test": y_test},
+                   binarize="dynamic", image_shape=(3, 32, 32))
+
+
+def _load_svhn(root: Path, download: bool) -> Dataset:
+    try:
+        import scipy.io  # noqa: F401  torchvision reads SVHN's .mat files with it
+    except ImportError:
+        raise DataError("svhn needs scipy: pip install scipy") from None
+    from torchvision.datasets import SVHN
+
+    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        source = _open("svhn", "SVHN", root, "SVHN", f"{split}_32x32.mat",
+                       lambda: SVHN(str(root / "SVHN"), split=split, download=download))
+        chw = np.ascontiguousarray(source.data)  # torchvision gives (N, C, H, W), digit 0 as label 0
+        return torch.from_numpy(chw.reshape(len(chw), -1)), torch.from_numpy(source.labels.astype(np.int64))
+
+    x, y = read("train")
+    x_test, y_test = read("test")
+    splits, labels = _hold_out_last(x, y, 10)
+    return Dataset(name="svhn", splits={**splits, "test": x_test}, labels={**labels, "test": y_test},
+                   binarize="dynamic", image_shape=(3, 32, 32))
+
+
+def _celeba_image(path: Path) -> np.ndarray:
+    """One aligned face, center-cropped to 148x148 and resized to 64x64, as (3*64*64,) uint8
+    in channel-first order."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        left, top = int(round((w - CELEBA_CROP) / 2)), int(round((h - CELEBA_CROP) / 2))
+        img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
+        img = img.resize((CELEBA_SIDE, CELEBA_SIDE), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).reshape(-1)
+
+
+def _celeba_split(root: Path, split: str, download: bool) -> np.ndarray:
+    """One split of CelebA at 64x64, from the cache beside the images when it is there."""
+    from torchvision.datasets import CelebA
+
+    folder = root / CelebA.base_folder
+    cache = folder / f"pyro_vae_{split}_crop{CELEBA_CROP}_{CELEBA_SIDE}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    files = ("img_align_celeba/ (unpacked from img_align_celeba.zip), list_eval_partition.txt, "
+             "identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt")
+    source = _open("celeba", "CelebA", root, CelebA.base_folder, files,
+                   lambda: CelebA(str(root), split=split, target_type=[], download=download))
+    x = np.empty((len(source.filename), 3 * CELEBA_SIDE**2), np.uint8)
+    for i, name in enumerate(source.filename):
+        x[i] = _celeba_image(folder / "img_align_celeba" / name)
+    try:  # the cache is a convenience: a read-only data folder only makes the next load slower
+        tmp = cache.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            np.save(f, x)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return x
+
+
+def _load_celeba(root: Path, download: bool) -> Dataset:
+    splits = {s: torch.from_numpy(_celeba_split(root, s, download)) for s in ("train", "valid", "test")}
+    return Dataset(name="celeba", splits=splits, binarize="dynamic", image_shape=(3, CELEBA_SIDE, CELEBA_SIDE))
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                "t10k-labels-idx1-ubyte")
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("mnist", functools.partial(_idx_source, name="mnist", what="MNIST", cls="MNIST",
+                                           files=_MNIST_FILES, as_float=True),
+                "handwritten digits, 28x28 grey", "dynamic", True),
+    DatasetSpec("binarized-mnist", _load_binarized_mnist,
+                "statically binarized MNIST (Larochelle & Murray), 28x28 binary", "none", False),
+    DatasetSpec("fashion-mnist", functools.partial(_idx_source, name="fashion-mnist", what="Fashion-MNIST",
+                                                   cls="FashionMNIST", files=_MNIST_FILES),
+                "Zalando's clothing pictures, 28x28 grey", "dynamic", True),
+    DatasetSpec("kmnist", functools.partial(_idx_source, name="kmnist", what="Kuzushiji-MNIST", cls="KMNIST",
+                                            files=_MNIST_FILES),
+                "cursive Japanese (Kuzushiji) characters, 28x28 grey", "dynamic", True),
+    DatasetSpec("emnist", functools.partial(
+        _idx_source, name="emnist", what="EMNIST letters", cls="EMNIST", options={"split": "letters"},
+        files="emnist-letters-{train,test}-{images-idx3,labels-idx1}-ubyte", transpose=True, first_label=1),
+                "EMNIST letters, handwritten a-z, 28x28 grey", "dynamic", True),
+    DatasetSpec("omniglot", _load_omniglot,
+                "Omniglot handwritten characters of 50 alphabets, 28x28 grey", "dynamic", True),
+    DatasetSpec("cifar10", _load_cifar10, "CIFAR-10 natural images, 32x32 colour", "dynamic", True),
+    DatasetSpec("svhn", _load_svhn, "Street View house numbers, 32x32 colour (needs scipy)", "dynamic", True),
+    DatasetSpec("celeba", _load_celeba, "CelebA aligned faces, 64x64 colour", "dynamic", False),
+)}

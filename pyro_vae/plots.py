@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .data import as_chw
+
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,26 +25,38 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:
-    """Tile flat images (n, H*W) into one array with 1-pixel light grey gaps between them."""
+    """Tile flat images (n, C*H*W), channel-first, into one array with 1-pixel light grey gaps:
+    (rows, cols) for grey images (C = 1), (rows, cols, 3) RGB for colour ones (C = 3).
+    ``image_shape`` is (C, H, W), or (H, W) for grey images as old runs stored it."""
+    c, h, w = as_chw(image_shape)
+    if c not in (1, 3):
+        raise ValueError(f"cannot draw images with {c} channels; expected 1 (grey) or 3 (RGB)")
     imgs = np.asarray(images.detach().cpu() if torch.is_tensor(images) else images, dtype=np.float32)
-    h, w = image_shape[-2:]  # TEMP
-    imgs = imgs.reshape(-1, h, w)
+    imgs = imgs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (n, H, W, C)
+    if c == 1:
+        imgs, gap = imgs[..., 0], 0.25  # drawn with gray_r: 0.25 is light grey
+    else:
+        gap = 0.75  # drawn as RGB: 0.75 is light grey
     nrow = math.ceil(len(imgs) / ncol)
-    out = np.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1), 0.25, dtype=np.float32)  # light grey gaps
+    out = np.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1, *imgs.shape[3:]), gap, dtype=np.float32)
     for i, img in enumerate(imgs):
-        r, c = divmod(i, ncol)
-        out[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+        r, col = divmod(i, ncol)
+        out[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = img
     return out
 
 
 def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
                title: str = "", ncol: int | None = None) -> Path:
-    """Save images (n, H*W) with values in [0, 1] as one grey-level grid."""
+    """Save images (n, C*H*W) with values in [0, 1] as one grid: grey images dark on light
+    (as today's figures), colour images in their own colours."""
     ncol = ncol or math.ceil(math.sqrt(len(images)))
     grid = mosaic(images, image_shape, ncol)
     fig = Figure(figsize=(grid.shape[1] / 40 + 0.5, grid.shape[0] / 40 + 0.7))
     ax = fig.add_subplot()
-    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    if grid.ndim == 3:
+        ax.imshow(np.clip(grid, 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
@@ -68,7 +82,7 @@ def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 def reconstructions(x: torch.Tensor, recon: torch.Tensor, image_shape: Sequence[int],
                     path: Path, ncol: int = 10) -> Path:
-    """Originals and their reconstructions in alternating rows."""
+    """Originals and their reconstructions in alternating rows (image_shape as in ``mosaic``)."""
     rows = []
     for i in range(0, len(x), ncol):
         rows += [x[i : i + ncol], recon[i : i + ncol]]
@@ -79,13 +93,13 @@ def reconstructions(x: torch.Tensor, recon: torch.Tensor, image_shape: Sequence[
 @torch.no_grad()
 def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int = 20) -> Path:
     """Decode a 2-D latent grid placed at Gaussian quantiles (inverse CDF of evenly spaced
-    probabilities), so that each cell covers equal prior mass."""
+    probabilities), so that each cell covers equal prior mass. ``model.decode_mean`` gives flat
+    images in [0, 1]; image_shape as in ``mosaic``."""
     p = torch.linspace(0.5 / n, 1 - 0.5 / n, n)
     q = torch.distributions.Normal(0.0, 1.0).icdf(p)
     zy, zx = torch.meshgrid(q.flip(0), q, indexing="ij")
     z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
-    device = model.device
-    images = model.decode_mean(z.to(device))
+    images = model.decode_mean(z.to(model.device))
     return image_grid(images, image_shape, path, title="latent manifold (Gaussian quantile grid)", ncol=n)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from . import plots
 from .config import check_choices, config_from_dict, option
-from .data import BINARIZATIONS, DATASET_NAMES, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
+from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
 from .errors import ConfigError, RunError, TrainingDiverged
 from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
@@ -38,7 +38,7 @@ Log = Callable[[str], None]
 class TrainConfig:
     """How to train. The model's shape lives in its own config (e.g. ``VAEConfig``)."""
 
-    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASET_NAMES) + ") or a .npy/.npz file of "
+    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASETS) + ") or a .npy/.npz file of "
                           "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D)")
     binarize: str | None = option(None, "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data as "
                                   "they are (default: the dataset's for --likelihood bernoulli, else none)",

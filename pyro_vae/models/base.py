@@ -153,7 +153,7 @@ class Family(PyroModule):
     def init_from_data(self, data: Dataset, seed: int) -> None:
         """Data-dependent initialisation before training: the decoder's output bias from
         the mean training pixel (the logit of it, for a Bernoulli likelihood)."""
-        mean = data.split("train").float().mean(0).to(self.device)
+        mean = data.pixel_mean("train").to(self.device)
         self.decoder.init_output_bias(self.likelihood.init_bias(mean))
 
     def steps_per_epoch(self, data: Dataset, batch_size: int) -> int:

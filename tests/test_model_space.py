@@ -146,3 +146,50 @@ def test_data_outside_the_likelihood_support_is_refused(likelihood, fragment, tm
                     "--epochs", "1", "--device", "cpu", "--run-dir", tmp_path / "run", "-q")
     assert_clean_error(result, fragment)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--encoder", "resnet"], ["--encoder", "mlp", "conv"]),
+    (["--likelihood", "poisson"], ["--likelihood", "discretized-logistic"]),
+    (["--dataset", "imagenet"], ["unknown dataset", "cifar10", ".npy"]),
+    (["--encoder", "conv", "--dataset", "TINY3"], ["at least 4", "--encoder mlp"]),
+    (["--decoder", "conv", "--dataset", "VECTORS"], ["vectors", "--decoder mlp"]),
+    (["--dataset", "AMBIGUOUS"], ["--layout"]),
+    (["--logistic-mixtures", "0", "--likelihood", "discretized-logistic"], ["--logistic-mixtures"]),
+])
+def test_bad_parts_and_data_end_in_one_line_and_write_nothing(args, fragments, tmp_path):
+    files = {"TINY3": np.zeros((20, 3, 3), np.uint8), "VECTORS": np.zeros((20, 7), np.uint8),
+             "AMBIGUOUS": np.zeros((20, 3, 8, 3), np.uint8)}
+    for name, array in files.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    args = [str(tmp_path / f"{a}.npy") if a in files else a for a in args]
+    if "--dataset" not in args:
+        args += ["--dataset", str(tmp_path / "VECTORS.npy")]
+    result = invoke("fit", "vae", *args, "--epochs", "1", "--device", "cpu", "--run-dir", tmp_path / "run", "-q")
+    assert_clean_error(result, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_of_an_earlier_version_still_loads(tmp_path):
+    """Runs written before the model space opened: (H, W) image shapes, no network or
+    likelihood fields, no --layout."""
+    import json
+
+    from pyro_vae import fit, load_run, TrainConfig
+
+    path = tmp_path / "old.npy"
+    np.save(path, toy_images(60, binary=True)[0].reshape(60, 8, 8).numpy())
+    run = fit("vae", {"z_dim": 2, "hidden": (8,)}, TrainConfig(dataset=str(path), epochs=1, eval_size=20),
+              tmp_path / "run", device="cpu")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("encoder", "decoder", "likelihood", "gaussian_scale", "logistic_mixtures"):
+        del config["model_config"][key]
+    del config["train"]["layout"]
+    config["data"]["image_shape"] = [8, 8]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    old = load_run(tmp_path / "run")
+    assert old.model.image_shape == (1, 8, 8) and old.model.likelihood.name == "bernoulli"
+    for a, b in zip(run.model.state_dict().values(), old.model.state_dict().values()):
+        assert torch.equal(a, b)
+    result = invoke("evaluate", tmp_path / "run", "--iw", 5, "--split", "valid", "--device", "cpu")
+    assert result.exit_code == 0, result.output

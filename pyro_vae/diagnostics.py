@@ -127,25 +127,30 @@ def log_mean_exp_se(log_w: torch.Tensor, k_hat: torch.Tensor | None = None,
       K^(k - 1) of an alpha-stable law with alpha = 1/k, not K^(-1/2)): the spread of
       the estimate over ``groups`` disjoint groups of K / G draws, sd_g(log mean of group
       g), scaled down to K draws by that rate, G^(k - 1). NaN for k-hat >= 1, where the
-      estimate does not converge at all.
+      draws look as if the weights had no mean and there is no rate to scale by.
+
+    Why this one: in simulations (Gaussian weights of a proposal narrower than the target,
+    k = 0.3-0.7) the standard deviation of the PSIS-smoothed weights covered worse than the
+    delta method, and the plain spread over groups is the sample variance in another form
+    and undercovered like it; this estimator covered +-2 s.e. at 94-96% up to k = 0.55
+    (conservative at +-1 s.e.: 72-76%). ``tests/test_bounds.py`` checks the coverage on the
+    linear-Gaussian model; README, "Error bars on log p(x)", has the measurements.
 
     The number is a guide only for k-hat < 0.7 (``K_HAT_UNRELIABLE``): ``BoundEstimates``
     withholds it above. ``k_hat``: from ``psis(log_w)``, if already computed.
     """
     K = log_w.shape[0]
-    lw = log_w.double()
-    if k_hat is None:
-        k_hat = psis(lw)[1]
-    out = torch.full_like(lw[0], float("nan"))
     M = tail_length(K)
     if K < 2 or M < 5 or M + 1 > K:
-        return delta_method_se(log_w)
+        return delta_method_se(log_w)  # too few draws to fit a tail
+    lw = log_w.double()
     w = torch.exp(lw - lw.max(0).values)  # the largest is 1
     top = torch.topk(w, M + 1, dim=0).values
     u = top[M]
     exceed = (top[:M] - u).flip(0).clamp_min(torch.finfo(torch.float64).tiny).T
-    k, sigma = gpd_fit(exceed)  # the same fit psis makes
-    k = k_hat.to(k)
+    k, sigma = gpd_fit(exceed)  # the fit psis makes; k is k-hat
+    if k_hat is not None:
+        k = k_hat.to(k)
     light = k < 0.5
     kl = torch.where(light, k, torch.zeros_like(k))
     tail_m2 = u**2 + 2 * u * sigma / (1 - kl) + 2 * sigma**2 / ((1 - kl) * (1 - 2 * kl))
@@ -156,7 +161,7 @@ def log_mean_exp_se(log_w: torch.Tensor, k_hat: torch.Tensor | None = None,
     n = K // G
     spread = (torch.logsumexp(lw[: G * n].view(G, n, -1), 1) - math.log(n)).std(0)
     stable = spread * G ** (k - 1)
-    out = torch.where(light, semi, torch.where(k < 1, stable, out))
+    out = torch.where(light, semi, torch.where(k < 1, stable, torch.full_like(semi, float("nan"))))
     return out.to(log_w.dtype)
 
 

@@ -238,7 +238,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [f"{s['run']} ({s['model']}, {s['checkpoint']} checkpoint): {s['split']} split, "
              f"{s['num_images']} images, K={K}, {s['seconds']:.1f} s",
              f"{'nats per image':<22}{'mean':>10}{'MC s.e.':>10}{'data s.e.':>10}  what"]
-    rows = [("ELBO", s["elbo"], "bound"), ("  reconstruction", s["reconstruction"], ""),
+    rows = [("ELBO", s["elbo"], "bound (in expectation)"), ("  reconstruction", s["reconstruction"], ""),
             ("  KL", s["kl"], "")]
     rows += [(f"IWAE-{k}", v, "bound (in expectation)") for k, v in s["iwae"].items()]
     rows += [(f"log p(x), IWAE-{K}", s["log_px"], "bound (in expectation)")]

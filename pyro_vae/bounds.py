@@ -7,6 +7,11 @@ For each datapoint x and K draws z_k ~ q(z | x),
     IWAE-k  = E[ logsumexp of k weights - log k ]        (Burda et al. 2016)
     log p(x) ~ logsumexp_{k<=K} log w_k - log K           (the IWAE-K bound, K large)
 
+IWAE-K is a bound in expectation (E IWAE-K <= log p(x)) and a noisy one: its Monte Carlo
+error and the shape k-hat of the tail of the weights, which says whether that error can
+be trusted, come from ``diagnostics``, as does the jackknife estimate (JVI, Nowozin 2018),
+an estimate of log p(x) with the O(1/K) part of IWAE-K's bias removed, which is no bound.
+
 Pyro's ``Importance`` and ``vectorized_importance_weights`` give one weight per particle
 for the whole batch; here the particles are a plate of their own and nothing is summed
 over the data plate, so every weight belongs to one datapoint. Sites marked for parallel
@@ -31,6 +36,9 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
+
+from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, delta_method_se, jackknife, \
+    log_mean_exp_se, pareto_k
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
@@ -148,17 +156,16 @@ def _iwae_groups(log_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return est.mean(0), se
 
 
-def _log_mean_exp_se(log_w: torch.Tensor) -> torch.Tensor:
-    """Delta-method standard error of log(mean_k w_k): sd(w) / (sqrt(K) mean(w))."""
-    w = torch.exp(log_w - log_w.max(0, keepdim=True).values)
-    if w.shape[0] < 2:
-        return torch.full_like(w[0], float("nan"))
-    return w.std(0) / (math.sqrt(w.shape[0]) * w.mean(0))
-
-
 @dataclass
 class BoundEstimates:
-    """Per-datapoint bound estimates in nats (higher is better), one entry per datapoint."""
+    """Per-datapoint bound estimates in nats (higher is better), one entry per datapoint.
+
+    ``log_px`` is IWAE-K; ``log_px_se`` its Monte Carlo error (``diagnostics.log_mean_exp_se``,
+    which models the tail of the weights), to be trusted only where ``k_hat`` <= 0.7;
+    ``log_px_se_delta`` the plain delta-method error, kept for comparison (too small under
+    heavy tails). ``jackknife`` is the JVI estimate of order 1 from the same draws (an
+    estimate, not a bound), ``jackknife_se`` its error (that of IWAE-K, to first order).
+    """
 
     num_particles: int
     elbo: torch.Tensor
@@ -168,32 +175,79 @@ class BoundEstimates:
     log_px_se: torch.Tensor
     iwae: dict[int, torch.Tensor] = field(default_factory=dict)
     iwae_se: dict[int, torch.Tensor] = field(default_factory=dict)
+    k_hat: torch.Tensor | None = None  # Pareto shape of the upper tail of each image's weights
+    log_px_se_delta: torch.Tensor | None = None
+    jackknife: torch.Tensor | None = None
+    jackknife_se: torch.Tensor | None = None
 
     @property
     def kl(self) -> torch.Tensor:
         """The ELBO's KL term, KL(q(z|x) || p(z)) (with enumerated variables inside)."""
         return self.log_lik - self.elbo
 
+    @property
+    def unreliable(self) -> torch.Tensor:
+        """Datapoints whose IWAE-K error cannot be trusted: k-hat > 0.7, or no finite error."""
+        bad = ~torch.isfinite(self.log_px_se)
+        if self.k_hat is not None:
+            bad |= self.k_hat > K_HAT_UNRELIABLE
+        return bad
+
     def summary(self) -> dict[str, Any]:
         """Dataset means with two standard errors each: ``mc_se`` (the Monte Carlo error of
-        this estimate, for these images) and ``data_se`` (spread over images / sqrt(N))."""
-        n = self.elbo.numel()
+        this estimate, for these images) and ``data_se`` (spread over images / sqrt(N)).
 
-        def stats(values: torch.Tensor, se: torch.Tensor | None = None) -> dict[str, float]:
-            out = {"mean": values.mean().item()}
-            out["mc_se"] = None if se is None else _nan_to_none(se.pow(2).sum().sqrt().item() / n)
+        The Monte Carlo error of IWAE-K and of the jackknife estimate is ``None`` when any
+        image's k-hat exceeds 0.7 (``mc_se_withheld`` then counts them, and
+        ``mc_se_trusted_images`` gives the error of the mean over the other images); the
+        delta-method error is ``mc_se_delta``, for comparison. ``pareto_k`` summarises
+        k-hat: the shares of images above 0.5 (infinite variance of the weights) and 0.7
+        (PSIS: the estimate is unreliable at this K), and the worst images' positions."""
+        n = self.elbo.numel()
+        bad = self.unreliable
+
+        def quad(se: torch.Tensor) -> float | None:
+            return _nan_to_none(se.pow(2).sum().sqrt().item() / se.numel()) if se.numel() else None
+
+        def stats(values: torch.Tensor, se: torch.Tensor | None = None,
+                  tail_aware: bool = False) -> dict[str, Any]:
+            out: dict[str, Any] = {"mean": values.mean().item()}
+            out["mc_se"] = None if se is None else quad(se)
             out["data_se"] = _nan_to_none(values.std().item() / math.sqrt(n)) if n > 1 else None
+            if tail_aware and se is not None:
+                withheld = int(bad.sum())
+                out["mc_se_withheld"] = withheld
+                if withheld:
+                    out["mc_se"] = None
+                    out["mc_se_trusted_images"] = quad(se[~bad])
+                if self.log_px_se_delta is not None:
+                    out["mc_se_delta"] = quad(self.log_px_se_delta)
             return out
 
-        return {
+        K = self.num_particles
+        summary: dict[str, Any] = {
             "num_images": n,
-            "num_particles": self.num_particles,
+            "num_particles": K,
             "elbo": stats(self.elbo, self.elbo_se),
             "reconstruction": stats(self.log_lik),
             "kl": stats(self.kl),
-            "log_px": stats(self.log_px, self.log_px_se),
-            "iwae": {str(k): stats(v, self.iwae_se[k]) for k, v in self.iwae.items()},
+            "log_px": stats(self.log_px, self.log_px_se, tail_aware=True),
+            "iwae": {str(k): stats(v, self.iwae_se[k], tail_aware=k == K) for k, v in self.iwae.items()},
         }
+        if self.jackknife is not None:
+            summary["jackknife"] = {"order": 1, **stats(self.jackknife, self.jackknife_se, tail_aware=True)}
+        if self.k_hat is not None:
+            k = self.k_hat[torch.isfinite(self.k_hat)]
+            worst = torch.argsort(self.k_hat.nan_to_num(-math.inf), descending=True)[:5]
+            summary["pareto_k"] = {
+                "median": _nan_to_none(k.median().item()) if k.numel() else None,
+                "max": _nan_to_none(k.max().item()) if k.numel() else None,
+                "share_above_0.5": (self.k_hat > K_HAT_INFINITE_VARIANCE).double().mean().item(),
+                "share_above_0.7": (self.k_hat > K_HAT_UNRELIABLE).double().mean().item(),
+                "images_above_0.7": int((self.k_hat > K_HAT_UNRELIABLE).sum()),
+                "worst": [[int(i), _nan_to_none(self.k_hat[i].item())] for i in worst],
+            }
+        return summary
 
 
 def _nan_to_none(v: float) -> float | None:
@@ -202,7 +256,7 @@ def _nan_to_none(v: float) -> float | None:
 
 def sweep_for(num_particles: int, ks: Sequence[int] | None = None) -> list[int]:
     """The IWAE-k values reported for K particles: those with at least two disjoint groups,
-    and K itself (its error comes from the delta method)."""
+    and K itself (its error is ``diagnostics.log_mean_exp_se``)."""
     ks = DEFAULT_SWEEP if ks is None else ks
     return sorted({k for k in ks if 1 <= k <= num_particles // 2} | {num_particles})
 
@@ -225,6 +279,9 @@ def estimate_bounds(
     Work proceeds ``batch_size`` datapoints at a time, with particles in chunks so that at
     most ``max_rows`` (datapoint, particle) pairs go through the networks at once: memory
     is bounded whatever K is. ``progress`` is called with the number of datapoints done.
+    Beside the bounds: per datapoint the Pareto k-hat of the weights, the tail-aware error
+    of IWAE-K, and the order-1 jackknife estimate, all from the same K draws (the IWAE-k
+    numbers do not depend on them).
     """
     if num_particles < 1:
         raise ValueError(f"the number of importance samples must be at least 1, got {num_particles}")
@@ -251,8 +308,12 @@ def estimate_bounds(
              else torch.full_like(log_w[0], float("nan")))
         keep("log_lik", torch.cat(ll).mean(0))
         keep("log_px", torch.logsumexp(log_w, 0) - math.log(num_particles))
-        log_px_se = _log_mean_exp_se(log_w)
+        k_hat = pareto_k(log_w)
+        log_px_se = log_mean_exp_se(log_w, k_hat) if num_particles > 1 else delta_method_se(log_w)
+        keep("k_hat", k_hat.to(log_w.dtype))
         keep("log_px_se", log_px_se)
+        keep("log_px_se_delta", delta_method_se(log_w))
+        keep("jackknife", jackknife(log_w, 1).to(log_w.dtype))
         for k in ks:
             mean, se = _iwae_groups(log_w, k)
             if k == num_particles:
@@ -272,4 +333,8 @@ def estimate_bounds(
         log_px_se=cat["log_px_se"],
         iwae={k: cat[f"iwae{k}"] for k in ks},
         iwae_se={k: cat[f"iwae_se{k}"] for k in ks},
+        k_hat=cat["k_hat"],
+        log_px_se_delta=cat["log_px_se_delta"],
+        jackknife=cat["jackknife"],
+        jackknife_se=cat["log_px_se"],
     )

@@ -55,5 +55,6 @@ def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
     """Beside each bound and estimate in nats per image, the same in bits per dimension,
     -value / (D ln 2): the unit of the grey and colour image literature. Only for
     likelihoods of discrete data (log-masses, not densities)."""
-    for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values()]:
+    for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values(),
+                  *([summary["jackknife"]] if "jackknife" in summary else [])]:
         entry["bits_per_dim"] = -entry["mean"] / (dims * math.log(2))

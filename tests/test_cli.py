@@ -44,7 +44,8 @@ def test_fit_evaluate_sample_reconstruct_plot(trained, tmp_path):
     per_image = np.load(trained / "eval-valid-iw20.npz")
     assert per_image["log_px"].shape == (20,)
     assert np.isclose(per_image["log_px"].mean(), summary["log_px"]["mean"], atol=1e-4)
-    assert "log p(x) estimate" in result.output and "IWAE-10" in result.output
+    assert "log p(x), IWAE-20" in result.output and "IWAE-10" in result.output and "jackknife" in result.output
+    assert per_image["k_hat"].shape == per_image["jackknife"].shape == (20,)
 
     result = invoke("sample", trained, "-n", 9, "--output", tmp_path / "s.png", "--device", "cpu")
     assert result.exit_code == 0, result.output

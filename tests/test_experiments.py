@@ -120,3 +120,27 @@ def test_cs236_split_maps_positions_within_each_class_to_rows():
     assert len(rows) == 99 and list(rows) == sorted(set(rows))  # digit 4 names one position twice
     for digit, positions in enumerate(script.CLASS_POSITIONS):
         assert set(rows[labels[rows] == digit]) == {10 * p + 9 - digit for p in positions}
+
+
+def test_calibration_quick(tmp_path):
+    script = load_script("calibration")
+    result = CliRunner().invoke(script.main, ["--quick", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "calibration.json").read_text())
+    assert [r["model"] for r in records] == ["vae", "gmvae", "exact"]
+    for r in records:
+        assert r["repeats"] == 3 and r["num_particles"] == 200 and r["num_images"] == 20
+        assert len(r["pareto_k"]["values"]) == 60
+        for key in ("delta_method", "tail_aware"):
+            for m in ("1", "2"):
+                c = r[key]["coverage"][m]
+                assert c is None or 0 <= c <= 1
+        assert r["delta_method"]["entries"] == 60
+        bias = r["bias"]["jackknife"]["iwae"]
+        assert list(bias)[0] == "1" and list(bias)[-1] == "200"
+        assert bias["1"] < bias["200"] <= 1e-6  # the ELBO is the furthest below
+        assert r["bias"]["jackknife"]["jackknife"] == 0
+    exact = records[-1]
+    assert exact["against"] == "exact log p(x)" and "truth" in exact["bias"] and 0.3 < exact["k_true"] < 0.7
+    for name in ("vae", "gmvae", "exact"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0

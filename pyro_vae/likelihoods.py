@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -30,6 +30,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 from torch.nn import functional as F
 
+from .config import option
 from .errors import ConfigError, DataError
 
 GAUSSIAN_SCALES = ("pixel", "image")
@@ -40,11 +41,9 @@ GREY_FLAGS = "--likelihood continuous-bernoulli|gaussian|discretized-logistic"
 class LikelihoodConfig:
     """Settings of the likelihoods; each reads only the fields that concern it."""
 
-    gaussian_scale: str = field(default="pixel", metadata={
-        "help": "gaussian likelihood: one learned scale per pixel, or one for the whole image",
-        "choices": GAUSSIAN_SCALES})
-    logistic_mixtures: int = field(default=5, metadata={
-        "help": "discretized-logistic likelihood: mixture components per pixel"})
+    gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or one "
+                                 "for the whole image", GAUSSIAN_SCALES)
+    logistic_mixtures: int = option(5, "mixture components per pixel of --likelihood discretized-logistic")
 
     def check(self) -> None:
         """Refuse out-of-range settings with a ConfigError naming the flag."""

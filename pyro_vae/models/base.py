@@ -20,6 +20,7 @@ The networks and the likelihood come from their registries (``nets.ENCODERS``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,35 +34,32 @@ from pyro.nn import PyroModule
 from ..config import check_choices, option
 from ..data import Dataset
 from ..errors import ConfigError
-from ..likelihoods import GAUSSIAN_SCALES, LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
+from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
 
 Shape = tuple[int, ...]
 
 
 @dataclass
-class NetsConfig:
-    """The parts every family is assembled from: networks and the pixel likelihood."""
+class NetsConfig(LikelihoodConfig):
+    """The parts every family is assembled from: networks and the pixel likelihood (whose
+    own settings, ``gaussian_scale`` and ``logistic_mixtures``, come from ``LikelihoodConfig``)."""
 
     encoder: str = option("mlp", "encoder network", ENCODERS)
     decoder: str = option("mlp", "decoder network", DECODERS)
     likelihood: str = option("bernoulli", "p(x | z) of each pixel: bernoulli for 0/1 data; continuous-bernoulli, "
                              "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
-    gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or "
-                                 "one for the whole image", GAUSSIAN_SCALES)
-    logistic_mixtures: int = option(5, "mixture components of --likelihood discretized-logistic")
 
     def likelihood_config(self) -> LikelihoodConfig:
-        return LikelihoodConfig(gaussian_scale=self.gaussian_scale, logistic_mixtures=self.logistic_mixtures)
+        return LikelihoodConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LikelihoodConfig)})
 
 
 def check_nets_config(config: Any) -> None:
     """Refuse unknown names and impossible sizes in a family's config, naming the option."""
     check_choices(config)
+    config.likelihood_config().check()
     if getattr(config, "z_dim", 1) < 1:
         raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
-    if config.logistic_mixtures < 1:
-        raise ConfigError(f"--logistic-mixtures must be at least 1, got {config.logistic_mixtures}")
 
 
 class Family(PyroModule):

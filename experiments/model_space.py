@@ -116,6 +116,40 @@ def run_row(row: dict[str, Any], run_dir: Path, iw: int, limit: int | None, eval
             "valid_bound": run.history[-1]["valid_bound"]}
 
 
+def step_times(row_list: list[dict[str, Any]], rounds: int, steps: int, data_dir: str | None,
+               device: str) -> dict[str, float]:
+    """Median milliseconds of one optimizer step (batch 100) for every row's model, timed in
+    interleaved rounds in this process, so that the machine's noise hits all rows alike."""
+    import pyro
+    import torch
+
+    from pyro_vae import build_model, make_objective
+    from pyro_vae.train import make_optimizer
+
+    setups = {}
+    for row in row_list:
+        train = TrainConfig(**row["train"])
+        data = train.load_data(data_dir)
+        torch.manual_seed(0)
+        model = build_model("vae", data.image_shape or (data.x_dim,), row["model"]).to(device)
+        x = next(data.train_batches(100, 0, 0, device))
+        setups[row["name"] + " / " + row["group"]] = (model, make_objective("meanfield"), make_optimizer(
+            model.parameters(), 1e-3), x)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    pyro.enable_validation(False)  # as in the training loop after its first step
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (model, objective, optimizer, x) in setups.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                loss = model.training_loss(objective, (x,), 1.0)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if r:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """The results as a markdown table."""
     def bits(st: dict[str, Any]) -> str:
@@ -143,15 +177,24 @@ def table(records: list[dict[str, Any]]) -> str:
 @click.option("--out", default="experiments/results/model-space", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-dir", type=click.Path(file_okay=False))
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--steps-only", is_flag=True,
+              help="only time the rows' optimizer steps side by side (OUT/steps.json), no training")
 @click.option("--quick", is_flag=True, help="tiny stand-in data, for the smoke test")
 def main(epochs: int, iw: int, limit: int, eval_size: int, only: tuple[str, ...], out: str,
-         data_dir: str | None, device: str, quick: bool) -> None:
+         data_dir: str | None, device: str, steps_only: bool, quick: bool) -> None:
     """Train and score every row; write model_space.json and model_space.md into OUT."""
     out_dir = Path(out)
+    selected = [row for row in rows(quick, epochs, out_dir / "data")
+                if not only or any(o in f"{row['group']} {row['name']}" for o in only)]
+    if steps_only:
+        times = step_times(selected, 1 if quick else 10, 1 if quick else 5, data_dir, device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "steps.json").write_text(json.dumps(times, indent=2) + "\n")
+        for name, ms in times.items():
+            click.echo(f"{ms:8.2f} ms  {name}")
+        return
     records = []
-    for row in rows(quick, epochs, out_dir / "data"):
-        if only and not any(o in f"{row['group']} {row['name']}" for o in only):
-            continue
+    for row in selected:
         name = f"{row['group']}-{row['name']}".replace(" ", "-").replace(",", "")
         click.echo(f"== {row['group']}: {row['name']}")
         records.append(run_row(row, out_dir / "runs" / name, iw, limit or None, eval_size, data_dir, device))

@@ -144,3 +144,20 @@ def test_calibration_quick(tmp_path):
     assert exact["against"] == "exact log p(x)" and "truth" in exact["bias"] and 0.3 < exact["k_true"] < 0.7
     for name in ("vae", "gmvae", "exact"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_model_space_quick(tmp_path):
+    script = load_script("model_space")
+    args = ["--quick", "--epochs", "1", "--iw", "5", "--limit", "0", "--eval-size", "20", "--out", str(tmp_path)]
+    result = CliRunner().invoke(script.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "model_space.json").read_text())
+    assert [r["group"] for r in records] == ["binary MNIST"] * 2 + ["8-bit MNIST"] * 2 + ["8x8 digits"] * 2
+    for r in records:
+        assert r["elbo"]["mean"] <= r["log_px"]["mean"] + 1e-4
+        assert ("bits_per_dim" in r["log_px"]) == (r["likelihood"] != "continuous-bernoulli")
+    assert (tmp_path / "model_space.md").read_text().count("\n") == len(records) + 2
+    result = CliRunner().invoke(script.main, ["--quick", "--steps-only", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "steps.json").read_text())) == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -22,22 +23,34 @@ from click.core import ParameterSource
 from . import plots
 from .evaluation import evaluate_run, split_data
 from .data import DATASETS, default_data_dir, random_rows
-from .errors import ConfigError, PyroVAEError
+from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .models import MODELS
 from .models.gmvae import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
-RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "quiet")
+RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet")
 
 
 class Group(click.Group):
-    """A click group that prints library errors as one line and exits with status 1."""
+    """A click group that prints library errors as one line, in the words of the command
+    line, and exits with status 1; a stopped training run prints a plain line and exits
+    with the shell's status for its signal (130 for Ctrl-C, 143 for SIGTERM); a file
+    system error (full disk, no permission) is one line too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except Interrupted as e:
+            click.echo(e.cli_message(), err=True)
+            ctx.exit(e.exit_code)
         except PyroVAEError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(e.cli_message()) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(128 + signal.SIGINT)
+        except OSError as e:
+            where = f" {e.filename}" if e.filename else ""
+            raise click.ClickException(f"cannot read or write{where}: {e.strerror or e}") from None
 
 
 def _tuple_of_ints(value: str) -> tuple[int, ...]:
@@ -96,6 +109,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         if opts["resume"]:
             if opts["run_dir"] is None:
                 raise ConfigError("--resume needs the --run-dir of the run to continue")
+            if opts["overwrite"]:
+                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
             given = [k for k in opts if k not in RUNTIME_OPTIONS + ("epochs",)
                      and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
             if given:
@@ -105,7 +120,7 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
             run = resume_run(opts["run_dir"], epochs=epochs, model_name=name, data_dir=opts["data_dir"],
                              device=opts["device"], download=opts["download"], log=log,
-                             progress=not opts["quiet"])
+                             progress=not opts["quiet"] and sys.stderr.isatty())
         else:
             model_fields = {f.name for f in dataclasses.fields(cls.Config)}
             hints = typing.get_type_hints(cls.Config)
@@ -114,15 +129,18 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
             train = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
             run = fit_model(name, model_config, train, opts["run_dir"], data_dir=opts["data_dir"],
                             device=opts["device"], download=opts["download"], log=log,
-                            progress=not opts["quiet"])
+                            progress=not opts["quiet"] and sys.stderr.isatty(), overwrite=opts["overwrite"])
         final = run.history[-1]
         click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
                    f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
 
     params = _options_from_dataclass(cls.Config) + _options_from_dataclass(TrainConfig) + [
         click.Option(["--run-dir"], type=click.Path(file_okay=False),
-                     help="where the run goes (default: runs/NAME-DATE-TIME); never overwritten"),
+                     help="where the run goes (default: runs/NAME-DATE-TIME); never overwritten "
+                          "without --overwrite"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
+        click.Option(["--overwrite"], is_flag=True,
+                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint)"),
         *_runtime_options(),
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]

@@ -221,7 +221,7 @@ class RunDir:
         except Exception as e:  # torch raises RuntimeError, OSError, UnpicklingError, ... here
             raise CheckpointError(
                 f"{path} is truncated or corrupt, or holds more than tensors, and cannot be read "
-                f"({str(e).splitlines()[0]}); delete it, or retrain"
+                f"({(str(e).splitlines() or [type(e).__name__])[0]}); delete it, or retrain"
             ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(

@@ -352,6 +352,32 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--limit", type=click.IntRange(min=1), help="encode a random subset of this many images")
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--output", type=click.Path(dir_okay=False), help=".npz file (default: RUN_DIR/codes-SPLIT.npz)")
+@_with_runtime
+def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: int, output: str | None,
+           data_dir: str | None, device: str, download: bool) -> None:
+    """Write the posterior means and scales of q(z | x) for a split to .npz: arrays
+    ``loc`` and ``scale`` (images x latent dimensions), ``index`` (rows of the split) and,
+    for labelled data, ``labels``: features for downstream use."""
+    run = load_run(run_dir, checkpoint, device)
+    out = Path(output) if output else run.dir.path / f"codes-{split}.npz"
+    check_writable(out)
+    x, labels, index = split_data(run, split, limit, seed, data_dir, download)
+    pieces = [run.model.encode(x[i : i + 1000]) for i in range(0, len(x), 1000)]
+    loc = torch.cat([p[0] for p in pieces]).cpu().numpy()
+    scale = torch.cat([p[1] for p in pieces]).cpu().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, index=index.numpy(), loc=loc, scale=scale,
+                        **({} if labels is None else {"labels": labels.numpy()}))
+    click.echo(f"wrote {out}: {loc.shape[0]} {split} images, {loc.shape[1]} latent dimensions")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
 @click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1),
               help="importance samples per image in the estimate of p(component | x)")
 @click.option("--limit", type=click.IntRange(min=1), help="assign a random subset of this many images")

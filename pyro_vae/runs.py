@@ -13,6 +13,7 @@ Checkpoints are written atomically (temporary file, then rename) and read with
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -192,9 +193,19 @@ class RunDir:
         return path
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.jsonl from the full history (so a resumed run has no duplicates)."""
+        """Rewrite metrics.jsonl, and the same as metrics.csv (one column per key), from the
+        full history (so a resumed run has no duplicates)."""
         text = "".join(json.dumps(row) + "\n" for row in history)
         atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        columns = list(dict.fromkeys(k for row in history for k in row))
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, columns)
+                writer.writeheader()
+                writer.writerows(history)
+
+        atomic_write(self.path / "metrics.csv", write_csv)
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"

@@ -29,6 +29,7 @@ from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_datase
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
+from .bounds import estimate_bounds
 from .runs import RunDir, check_writable, load_model_state
 
 Log = Callable[[str], None]
@@ -349,6 +350,7 @@ class Session:
     image_shape: tuple[int, ...] | None
     log: Log
     progress: bool
+    board: Any = None  # TensorBoard writer, when tensorboard is installed
 
     @classmethod
     def start(cls, run: RunDir, config: dict[str, Any], model: Family, data: Dataset, device: torch.device,
@@ -368,7 +370,7 @@ class Session:
             valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
             valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
             image_shape=as_chw(config["data"]["image_shape"]),
-            log=log or (lambda message: None), progress=progress,
+            log=log or (lambda message: None), progress=progress, board=_tensorboard(run.path / "tensorboard"),
         )
 
     def kl_weight(self, step: int) -> float:
@@ -380,9 +382,13 @@ class Session:
 def _train(run: RunDir, start: Callable[[], Session], checkpoint: dict[str, Any] | None) -> Run:
     """Start the session and train from ``checkpoint`` (None: from the start) to the
     configured number of epochs, holding the run's lock throughout."""
+    session = None
     try:
-        return _train_session(start(), checkpoint)
+        session = start()
+        return _train_session(session, checkpoint)
     finally:
+        if session is not None and session.board is not None:
+            session.board.close()
         run.unlock()
 
 
@@ -476,6 +482,7 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
             "train_loss": state.loss_sum / state.batch,
             "train_bound": objective_bound(s.objective, s.model, s.train_eval),
             "valid_bound": objective_bound(s.objective, s.model, s.valid_eval),
+            **_elbo_terms(s.model, s.valid_eval),
             **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
                if isinstance(v, (int, float))},
             "kl_weight": kl_weight,
@@ -485,6 +492,23 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
         }
 
 
+def _elbo_terms(model: Family, x: torch.Tensor) -> dict[str, float]:
+    """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
+    draw per image (nats per image), for the curves."""
+    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=1000, max_rows=1000)
+    return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
+
+
+def _tensorboard(path: Path) -> Any:
+    """A TensorBoard writer into ``path``, or None when the tensorboard package is not
+    installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
 def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
     """The epoch's log line, the curves, and samples at the middle and the end."""
     scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
@@ -492,6 +516,11 @@ def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
     s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
           f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
     plots.bound_curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
+    if s.board is not None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                s.board.add_scalar(key, value, row["epoch"])
+        s.board.flush()
     if row["epoch"] in (s.train.epochs // 2, s.train.epochs):
         _sample_figure(s, row["epoch"])
 

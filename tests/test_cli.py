@@ -58,6 +58,15 @@ def test_fit_evaluate_sample_reconstruct_plot(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert (trained / "figures" / "reconstructions.png").is_file()
 
+    result = invoke("encode", trained, "--split", "valid", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    codes = np.load(trained / "codes-valid.npz")
+    assert codes["loc"].shape == codes["scale"].shape == (20, 2) and (codes["scale"] > 0).all()
+    assert codes["index"].tolist() == list(range(20))
+    csv_rows = (trained / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and "valid_kl" in csv_rows[0] and "valid_reconstruction" in csv_rows[0]
+    assert {"interpolation.png", "manifold.png"} <= {p.name for p in (trained / "figures").iterdir()}
+
     for figure in (trained / "figures").iterdir():
         figure.unlink()  # so that what follows checks that plot draws them again
     result = invoke("plot", trained)

@@ -37,8 +37,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, delta_method_se, jackknife, \
-    log_mean_exp_se, pareto_k
+from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
@@ -147,13 +146,39 @@ def importance_traces(
     return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
 
 
-def _iwae_groups(log_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """IWAE-k per datapoint from disjoint groups of k weights: mean and its standard error."""
-    m = log_w.shape[0] // k
-    groups = log_w[: m * k].view(m, k, -1)
-    est = torch.logsumexp(groups, dim=1) - math.log(k)
-    se = est.std(0) / math.sqrt(m) if m > 1 else torch.full_like(est[0], float("nan"))
-    return est.mean(0), se
+class _IWAEGroups:
+    """IWAE-k per datapoint from disjoint groups of k consecutive draws, fed in chunks:
+    the mean of the groups' log mean weights and its standard error. A group runs across
+    chunks as a running logsumexp; draws after the last whole group are left out."""
+
+    def __init__(self, k: int, like: torch.Tensor):
+        self.k = k
+        self.partial = torch.full_like(like, -math.inf)
+        self.filled = 0
+        self.groups = _Moments(like)
+
+    def _complete(self, lse: torch.Tensor) -> None:
+        self.groups.update(lse - math.log(self.k))
+
+    def update(self, lw: torch.Tensor) -> None:
+        i, n, k = 0, lw.shape[0], self.k
+        if self.filled:
+            i = min(k - self.filled, n)
+            self.partial = torch.logaddexp(self.partial, torch.logsumexp(lw[:i], 0))
+            self.filled += i
+            if self.filled < k:
+                return
+            self._complete(self.partial.unsqueeze(0))
+            self.filled = 0
+        whole = (n - i) // k
+        if whole:
+            self._complete(torch.logsumexp(lw[i : i + whole * k].view(whole, k, -1), 1))
+            i += whole * k
+        if i < n:
+            self.partial, self.filled = torch.logsumexp(lw[i:], 0), n - i
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.groups.mean, self.groups.std() / math.sqrt(self.groups.n)
 
 
 @dataclass
@@ -277,49 +302,59 @@ def estimate_bounds(
     """ELBO, the IWAE-k sweep and log p(x) for every row of ``data``.
 
     Work proceeds ``batch_size`` datapoints at a time, with particles in chunks so that at
-    most ``max_rows`` (datapoint, particle) pairs go through the networks at once: memory
-    is bounded whatever K is. ``progress`` is called with the number of datapoints done.
+    most ``max_rows`` (datapoint, particle) pairs go through the networks at once. Every
+    number is accumulated as the chunks stream (``diagnostics.WeightStream``, the IWAE-k
+    groups as running logsumexps), so memory does not grow with K: no chunk's weights are
+    kept once it is summarised. ``progress`` is called with the number of datapoints done.
     Beside the bounds: per datapoint the Pareto k-hat of the weights, the tail-aware error
     of IWAE-K, and the order-1 jackknife estimate, all from the same K draws (the IWAE-k
     numbers do not depend on them).
     """
     if num_particles < 1:
         raise ValueError(f"the number of importance samples must be at least 1, got {num_particles}")
+    if data.shape[0] == 0:
+        raise ValueError("there are no datapoints to estimate bounds for")
     ks = sweep_for(num_particles, ks)
     batch_size = max(1, min(batch_size, max_rows))
     chunk = max(1, max_rows // batch_size)
     parts: dict[str, list[torch.Tensor]] = {}
+    dtype = torch.get_default_dtype()  # then that of the log weights
 
     def keep(name: str, value: torch.Tensor) -> None:
-        parts.setdefault(name, []).append(value.cpu())
+        parts.setdefault(name, []).append(value.to("cpu", dtype))
 
     for start in range(0, data.shape[0], batch_size):
         x = data[start : start + batch_size]
-        lw, ll = [], []
+        like = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        weights = WeightStream(num_particles, x.shape[0], x.device)
+        groups = [_IWAEGroups(k, like) for k in ks if k < num_particles]
+        lik_sum = like.clone()
         for k0 in range(0, num_particles, chunk):
             # argument and support checks on the first chunk only: they cost ~20% of the time
             with pyro.validation_enabled(start == 0 and k0 == 0):
                 w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), **kwargs)
-            lw.append(w)
-            ll.append(lik)
-        log_w = torch.cat(lw)
-        keep("elbo", log_w.mean(0))
-        keep("elbo_se", log_w.std(0) / math.sqrt(num_particles) if num_particles > 1
-             else torch.full_like(log_w[0], float("nan")))
-        keep("log_lik", torch.cat(ll).mean(0))
-        keep("log_px", torch.logsumexp(log_w, 0) - math.log(num_particles))
-        k_hat = pareto_k(log_w)
-        log_px_se = log_mean_exp_se(log_w, k_hat) if num_particles > 1 else delta_method_se(log_w)
-        keep("k_hat", k_hat.to(log_w.dtype))
+            dtype, w = w.dtype, w.double()
+            weights.update(w)
+            for g in groups:
+                g.update(w)
+            lik_sum += lik.double().sum(0)
+        keep("elbo", weights.log_w.mean)
+        keep("elbo_se", weights.log_w.std() / math.sqrt(num_particles))
+        keep("log_lik", lik_sum / num_particles)
+        log_px = weights.log_mean_exp()
+        keep("log_px", log_px)
+        k_hat = weights.pareto_k()
+        log_px_se = weights.log_mean_exp_se(k_hat) if num_particles > 1 else weights.delta_method_se()
+        keep("k_hat", k_hat)
         keep("log_px_se", log_px_se)
-        keep("log_px_se_delta", delta_method_se(log_w))
-        keep("jackknife", jackknife(log_w, 1).to(log_w.dtype))
-        for k in ks:
-            mean, se = _iwae_groups(log_w, k)
-            if k == num_particles:
-                se = log_px_se
-            keep(f"iwae{k}", mean)
-            keep(f"iwae_se{k}", se)
+        keep("log_px_se_delta", weights.delta_method_se())
+        keep("jackknife", weights.jackknife())
+        for g in groups:
+            mean, se = g.result()
+            keep(f"iwae{g.k}", mean)
+            keep(f"iwae_se{g.k}", se)
+        keep(f"iwae{num_particles}", log_px)
+        keep(f"iwae_se{num_particles}", log_px_se)
         if progress is not None:
             progress(x.shape[0])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -20,24 +21,38 @@ import torch
 from click.core import ParameterSource
 
 from . import plots
-from .evaluation import evaluate_run, split_data
+from .evaluation import evaluate_run, nonempty_split, split_data
 from .data import DATASETS, default_data_dir, random_rows
-from .errors import ConfigError, PyroVAEError
+from .config import MAX_SEED
+from .errors import ConfigError, Flag, Interrupted, PyroVAEError
+from .runs import check_writable
 from .models import MODELS
 from .models.gmvae import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
-RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "quiet")
+RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet")
 
 
 class Group(click.Group):
-    """A click group that prints library errors as one line and exits with status 1."""
+    """A click group that prints library errors as one line, in the words of the command
+    line, and exits with status 1; a stopped training run prints a plain line and exits
+    with the shell's status for its signal (130 for Ctrl-C, 143 for SIGTERM); a file
+    system error (full disk, no permission) is one line too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except Interrupted as e:
+            click.echo(e.cli_message(), err=True)
+            ctx.exit(e.exit_code)
         except PyroVAEError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(e.cli_message()) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(128 + signal.SIGINT)
+        except OSError as e:
+            where = f" {e.filename}" if e.filename else ""
+            raise click.ClickException(f"cannot read or write{where}: {e.strerror or e}") from None
 
 
 def _tuple_of_ints(value: str) -> tuple[int, ...]:
@@ -96,6 +111,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         if opts["resume"]:
             if opts["run_dir"] is None:
                 raise ConfigError("--resume needs the --run-dir of the run to continue")
+            if opts["overwrite"]:
+                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
             given = [k for k in opts if k not in RUNTIME_OPTIONS + ("epochs",)
                      and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
             if given:
@@ -105,7 +122,7 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
             run = resume_run(opts["run_dir"], epochs=epochs, model_name=name, data_dir=opts["data_dir"],
                              device=opts["device"], download=opts["download"], log=log,
-                             progress=not opts["quiet"])
+                             progress=not opts["quiet"] and sys.stderr.isatty())
         else:
             model_fields = {f.name for f in dataclasses.fields(cls.Config)}
             hints = typing.get_type_hints(cls.Config)
@@ -114,15 +131,18 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
             train = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
             run = fit_model(name, model_config, train, opts["run_dir"], data_dir=opts["data_dir"],
                             device=opts["device"], download=opts["download"], log=log,
-                            progress=not opts["quiet"])
+                            progress=not opts["quiet"] and sys.stderr.isatty(), overwrite=opts["overwrite"])
         final = run.history[-1]
         click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
                    f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
 
     params = _options_from_dataclass(cls.Config) + _options_from_dataclass(TrainConfig) + [
         click.Option(["--run-dir"], type=click.Path(file_okay=False),
-                     help="where the run goes (default: runs/NAME-DATE-TIME); never overwritten"),
+                     help="where the run goes (default: runs/NAME-DATE-TIME); never overwritten "
+                          "without --overwrite"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
+        click.Option(["--overwrite"], is_flag=True,
+                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint)"),
         *_runtime_options(),
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
@@ -166,21 +186,23 @@ def _with_runtime(f: Any) -> Any:
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-rows", default=2_000, show_default=True, type=click.IntRange(min=1),
               help="(image, sample) pairs through the networks at once: bounds memory")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK.json)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
 @_with_runtime
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
              max_rows: int, seed: int, output: str | None, data_dir: str | None, device: str,
              download: bool) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
     run = load_run(run_dir, checkpoint, device)
+    # the best checkpoint's results have their own name, so that neither overwrites the other
+    name = f"eval-{split}-iw{iw}" + (f"-n{limit}" if limit else "") + ("-best" if checkpoint == "best" else "")
+    out = Path(output) if output else run.dir.path / f"{name}.json"
+    check_writable(out)  # before minutes of work, not after
     x, labels, index = split_data(run, split, limit, seed, data_dir, download)
     with click.progressbar(length=len(x), label=f"log p(x), K={iw}", file=sys.stderr) as bar:
         summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size,
                                     max_rows=max_rows, progress=bar.update)
     summary.update(checkpoint=checkpoint, split=split)
-    name = f"eval-{split}-iw{iw}" + (f"-n{len(index)}" if limit else "")
-    out = Path(output) if output else run.dir.path / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if "calibration" in summary:
         plots.reliability_diagram(summary["calibration"], out.with_name(out.stem + "-reliability.png"),
@@ -253,8 +275,8 @@ def format_summary(s: dict[str, Any]) -> str:
               help="draw pixels from the likelihood (0/1 for a Bernoulli) instead of showing its mean")
 @click.option("--by-class", is_flag=True, help="models with a label: NUM samples of each class, rows = classes")
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/samples.png)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/figures/samples.png)")
 @click.option("--device", default="auto", show_default=True)
 def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, seed: int,
            output: str | None, device: str) -> None:
@@ -268,7 +290,9 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
         images = run.model.sample_by_class(num, draw=draw).cpu()
     else:
         images = run.model.sample(num, draw=draw).cpu()
-    out = Path(output) if output else run.dir.path / "samples.png"
+    out = Path(output) if output else run.dir.figures / "samples.png"
+    check_writable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), images.numpy())
     shape = run.data_info.get("image_shape")
     if shape:
@@ -284,8 +308,8 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
 @click.option("-n", "--num", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/reconstructions.png)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/figures/reconstructions.png)")
 @_with_runtime
 def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, output: str | None,
                 data_dir: str | None, device: str, download: bool) -> None:
@@ -293,10 +317,11 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
     run = load_run(run_dir, checkpoint, device)
     if not run.data_info.get("image_shape"):
         raise ConfigError("this run's data has no image shape, so there is nothing to draw")
-    x = run.train.load_data(data_dir, download).eval_data(split)
+    out = Path(output) if output else run.dir.figures / "reconstructions.png"
+    check_writable(out)
+    x = nonempty_split(run.load_data(data_dir, download), split)
     x = x[random_rows(x.shape[0], num, seed)]
     x = x.to(run.model.device)
-    out = Path(output) if output else run.dir.path / "reconstructions.png"
     plots.reconstructions(x, run.model.reconstruct(x), run.data_info["image_shape"], out)
     click.echo(f"wrote {out}")
 
@@ -304,7 +329,7 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @_with_runtime
 def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device: str, download: bool) -> None:
     """Redraw a run's figures: bound curves and its family's own (latent manifold for a
@@ -315,7 +340,7 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
     written = [plots.bound_curves(run.history, run.dir.figures / "curves.png", title=run.dir.path.name)]
     shape = run.data_info.get("image_shape")
     if shape:
-        data = run.train.load_data(data_dir, download)
+        data = run.load_data(data_dir, download)
         rows = random_rows(len(data.split("valid")), run.train.eval_size, run.train.seed)
         x = data.eval_data("valid")[rows].to(run.model.device)
         labels = data.labels["valid"][rows] if "valid" in data.labels else None
@@ -327,11 +352,37 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--limit", type=click.IntRange(min=1), help="encode a random subset of this many images")
+@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--output", type=click.Path(dir_okay=False), help=".npz file (default: RUN_DIR/codes-SPLIT.npz)")
+@_with_runtime
+def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: int, output: str | None,
+           data_dir: str | None, device: str, download: bool) -> None:
+    """Write the posterior means and scales of q(z | x) for a split to .npz: arrays
+    ``loc`` and ``scale`` (images x latent dimensions), ``index`` (rows of the split) and,
+    for labelled data, ``labels``: features for downstream use."""
+    run = load_run(run_dir, checkpoint, device)
+    out = Path(output) if output else run.dir.path / f"codes-{split}.npz"
+    check_writable(out)
+    x, labels, index = split_data(run, split, limit, seed, data_dir, download)
+    pieces = [run.model.encode(x[i : i + 1000]) for i in range(0, len(x), 1000)]
+    loc = torch.cat([p[0] for p in pieces]).cpu().numpy()
+    scale = torch.cat([p[1] for p in pieces]).cpu().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, index=index.numpy(), loc=loc, scale=scale,
+                        **({} if labels is None else {"labels": labels.numpy()}))
+    click.echo(f"wrote {out}: {loc.shape[0]} {split} images, {loc.shape[1]} latent dimensions")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
 @click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1),
               help="importance samples per image in the estimate of p(component | x)")
 @click.option("--limit", type=click.IntRange(min=1), help="assign a random subset of this many images")
 @click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/clusters-SPLIT.json)")
 @_with_runtime
 def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoint: str, seed: int,
@@ -342,6 +393,8 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
     if not run.model.has_clusters:
         raise ConfigError(f"{run_dir} is a {run.model_name} run; clustering needs a model with mixture "
                           f"components ({', '.join(n for n, c in MODELS.items() if c.has_clusters)})")
+    out = Path(output) if output else run.dir.path / f"clusters-{split}.json"
+    check_writable(out)
     x, labels, index = split_data(run, split, limit, seed, data_dir, download)
     torch.manual_seed(seed)
     assignment = run.model.assign(x, samples).cpu()
@@ -351,7 +404,6 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
                "used_components": int((sizes > 0).sum()),
                "accuracy": None if labels is None else cluster_accuracy(assignment, labels),
                "sizes": sizes.tolist()}
-    out = Path(output) if output else run.dir.path / f"clusters-{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), assignment=assignment.numpy(),

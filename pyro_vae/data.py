@@ -340,6 +340,9 @@ def _flatten(x: np.ndarray, layout: str, what: str) -> tuple[np.ndarray, tuple[i
     """Flat (N, D) items in channel-first order, their image shape (C, H, W) or None, and a
     note saying how the array was read."""
     n = x.shape[0] if x.ndim else 0
+    if n == 0 or x.size == 0:
+        raise DataError(f"{what} has shape {tuple(x.shape)}: no items (an empty split); leave the array out "
+                        "or fill it")
     read = f"read {what} {tuple(x.shape)} as {n}"
     if x.ndim == 2:
         side = int(round(x.shape[1] ** 0.5))

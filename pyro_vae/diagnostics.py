@@ -53,7 +53,9 @@ def gpd_fit(exceedances: torch.Tensor, prior: bool = True) -> tuple[torch.Tensor
     theta = 1 / x[..., -1:] + (1 - torch.sqrt(m / (j - 0.5))) / (3 * quartile)  # (..., m)
     # the shape given theta is k(theta) = mean log(1 - theta x) (Zhang & Stephens' k is
     # its negative); the profile log-likelihood is n (log(-theta / k) - k - 1)
-    k_theta = torch.log1p(-theta.unsqueeze(-1) * x.unsqueeze(-2)).mean(-1)  # (..., m)
+    # one grid value at a time: (..., n) at once instead of (..., m, n), which at n = 3 sqrt(K)
+    # would make the fit the largest allocation of an evaluation at large K
+    k_theta = torch.stack([torch.log1p(-theta[..., j : j + 1] * x).mean(-1) for j in range(m)], -1)
     log_lik = n * (torch.log(-theta / k_theta) - k_theta - 1)
     weights = torch.softmax(log_lik, dim=-1)
     theta_post = (weights * theta).sum(-1, keepdim=True)
@@ -89,16 +91,23 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top, idx = torch.topk(lw, M + 1, dim=0)  # descending
     lmax = top[0]
     cutoff = top[M] - lmax  # log of the threshold, relative to the largest weight
-    tail = top[:M].flip(0) - lmax  # ascending, relative to the largest weight
-    exceed = torch.exp(tail) - torch.exp(cutoff)
-    # ties at the threshold give zero exceedances; the fit needs them positive
-    exceed = exceed.clamp_min(torch.finfo(torch.float64).tiny).T  # (batch, M)
-    k, sigma = gpd_fit(exceed)
+    k, sigma = _tail_fit(top)
     p = (torch.arange(M, dtype=lw.dtype, device=lw.device) + 0.5) / M
     smooth = torch.log(_gpd_quantile(p.unsqueeze(-1), k, sigma) + torch.exp(cutoff)).clamp_max(0) + lmax
     out = lw.clone()
     out.scatter_(0, idx[:M].flip(0), smooth)  # ascending order stats to ascending raw ones
     return out, k
+
+
+def _tail_fit(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generalized Pareto fit of PSIS from the M + 1 largest log weights of each
+    column, descending (float64): the M largest minus the threshold (the (M+1)-th), on the
+    scale where the largest weight is 1. Returns (k-hat, sigma) per column."""
+    M = top.shape[0] - 1
+    w = torch.exp(top - top[0])
+    # ties at the threshold give zero exceedances; the fit needs them positive
+    exceed = (w[:M] - w[M]).flip(0).clamp_min(torch.finfo(torch.float64).tiny).T  # (batch, M), ascending
+    return gpd_fit(exceed)
 
 
 def pareto_k(log_w: torch.Tensor) -> torch.Tensor:
@@ -146,24 +155,34 @@ def log_mean_exp_se(log_w: torch.Tensor, k_hat: torch.Tensor | None = None,
         return delta_method_se(log_w)  # too few draws to fit a tail
     lw = log_w.double()
     w = torch.exp(lw - lw.max(0).values)  # the largest is 1
-    top = torch.topk(w, M + 1, dim=0).values
-    u = top[M]
-    exceed = (top[:M] - u).flip(0).clamp_min(torch.finfo(torch.float64).tiny).T
-    k, sigma = gpd_fit(exceed)  # the fit psis makes; k is k-hat
+    top = torch.topk(lw, M + 1, dim=0).values
+    rest_sq = (w**2).sum(0) - (torch.exp(top[:M] - top[0]) ** 2).sum(0)
+    G = min(groups, K // 2)
+    n = K // G
+    group_means = torch.logsumexp(lw[: G * n].view(G, n, -1), 1) - math.log(n)
+    out = _tail_aware_se(top, rest_sq, w.sum(0), K, group_means, k_hat)
+    return out.to(log_w.dtype)
+
+
+def _tail_aware_se(top: torch.Tensor, rest_sq: torch.Tensor, total: torch.Tensor, K: int,
+                   group_means: torch.Tensor, k_hat: torch.Tensor | None) -> torch.Tensor:
+    """``log_mean_exp_se`` from what it needs of the K weights, on the scale where the
+    largest is 1: the M + 1 largest log weights (descending), the sum of the squares of
+    all but the M largest weights, the sum of all weights, and the log mean weight of
+    each of the G groups of draws."""
+    M = top.shape[0] - 1
+    k, sigma = _tail_fit(top)  # the fit psis makes; k is k-hat
     if k_hat is not None:
         k = k_hat.to(k)
+    u = torch.exp(top[M] - top[0])
     light = k < 0.5
     kl = torch.where(light, k, torch.zeros_like(k))
     tail_m2 = u**2 + 2 * u * sigma / (1 - kl) + 2 * sigma**2 / ((1 - kl) * (1 - 2 * kl))
-    m2 = ((w**2).sum(0) - (top[:M] ** 2).sum(0) + M * tail_m2) / K
-    mean = w.mean(0)
+    m2 = (rest_sq + M * tail_m2) / K
+    mean = total / K
     semi = (m2 - mean**2).clamp_min(0).sqrt() / (math.sqrt(K) * mean)
-    G = min(groups, K // 2)
-    n = K // G
-    spread = (torch.logsumexp(lw[: G * n].view(G, n, -1), 1) - math.log(n)).std(0)
-    stable = spread * G ** (k - 1)
-    out = torch.where(light, semi, torch.where(k < 1, stable, torch.full_like(semi, float("nan"))))
-    return out.to(log_w.dtype)
+    stable = group_means.std(0) * group_means.shape[0] ** (k - 1)
+    return torch.where(light, semi, torch.where(k < 1, stable, torch.full_like(semi, float("nan"))))
 
 
 def delta_method_se(log_w: torch.Tensor) -> torch.Tensor:
@@ -244,3 +263,146 @@ def _grouped_jackknife2(lw: torch.Tensor, groups: int = 100) -> torch.Tensor:
     L1 = (loo - math.log((G - 1) * n)).mean(0)
     L2 = (l2 - math.log((G - 2) * n)).mean(0)
     return G**2 / 2 * L0 - (G - 1) ** 2 * L1 + (G - 2) ** 2 / 2 * L2
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations of each column, merged chunk by chunk
+    (Chan et al.'s pairwise update: no cancellation, unlike sums of squares)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.n = 0
+        self.mean = torch.zeros_like(like)
+        self.m2 = torch.zeros_like(like)
+
+    def update(self, values: torch.Tensor) -> None:
+        n_b = values.shape[0]
+        mean_b = values.mean(0)
+        m2_b = ((values - mean_b) ** 2).sum(0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
+        self.n = n
+
+    def rescale(self, factor: torch.Tensor) -> None:
+        """The moments of the values times ``factor`` (per column)."""
+        self.mean = self.mean * factor
+        self.m2 = self.m2 * factor**2
+
+    def std(self) -> torch.Tensor:
+        """The sample standard deviation (n - 1 in the denominator); NaN for one value."""
+        if self.n < 2:
+            return torch.full_like(self.mean, float("nan"))
+        return (self.m2 / (self.n - 1)).clamp_min(0).sqrt()
+
+
+class WeightStream:
+    """The diagnostics of this module for the K log weights of a batch of datapoints fed
+    in chunks of draws, ``update(log_w_chunk)`` with chunks of shape (n, batch), in memory
+    that does not grow with K; the numbers equal those of the functions above on all K
+    draws at once, to rounding.
+
+    What is kept per datapoint: the largest log weight and the ``T`` largest log weights
+    (T = max(M + 1, 64), at most K; M = 3 sqrt(K) at most: PSIS's tail), the first
+    ``POWERS`` power sums of the other weights (relative to the largest), the moments of
+    the log weights and of the weights, and the logsumexp of each of the groups of draws
+    of ``log_mean_exp_se``. The jackknife's leave-one-out sum needs every draw's share
+    x_i = w_i / sum w: for the T largest it is computed exactly, and for the others, each
+    at most 1/T, from sum_i log(1 - x_i) = -sum_n (sum_i x_i^n) / n, whose terms shrink by
+    T at least: ``POWERS`` terms reach float64's precision.
+    """
+
+    POWERS = 10
+
+    def __init__(self, num_draws: int, batch: int, device: torch.device | str = "cpu", groups: int = 20):
+        self.K = num_draws
+        self.M = tail_length(num_draws)
+        self.keep = min(num_draws, max(self.M + 1, 64))
+        self.seen = 0
+        like = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.max = torch.full_like(like, -math.inf)
+        self.top = like.new_empty((0, batch))
+        self.rest_powers = like.new_zeros((self.POWERS, batch))
+        self.log_w = _Moments(like)
+        self.w = _Moments(like)  # relative to the running maximum
+        self.G = min(groups, num_draws // 2)
+        self.group_size = num_draws // self.G if self.G else 0
+        self.group_lse = like.new_full((self.G, batch), -math.inf)
+
+    def update(self, log_w: torch.Tensor) -> None:
+        """Take the next chunk of draws, shape (n, batch)."""
+        lw = log_w.double()
+        new_max = torch.maximum(self.max, lw.max(0).values)
+        factor = torch.exp(self.max - new_max).nan_to_num(0.0)  # 0 on the first chunk
+        powers = torch.arange(1, self.POWERS + 1, dtype=lw.dtype, device=lw.device).unsqueeze(-1)
+        self.rest_powers = self.rest_powers * factor**powers
+        self.w.rescale(factor)
+        self.max = new_max
+        self.w.update(torch.exp(lw - new_max))
+        self.log_w.update(lw)
+        ranked = torch.sort(torch.cat([self.top, lw]), dim=0, descending=True).values
+        self.top, dropped = ranked[: self.keep], ranked[self.keep :]
+        if dropped.numel():
+            rel = dropped - new_max
+            self.rest_powers = self.rest_powers + torch.exp(powers.unsqueeze(-1) * rel).sum(1)
+        first, last = self.seen, self.seen + lw.shape[0]
+        for g in range(first // self.group_size if self.G else 0, self.G):
+            lo, hi = max(g * self.group_size, first), min((g + 1) * self.group_size, last)
+            if lo >= hi:
+                break
+            self.group_lse[g] = torch.logaddexp(self.group_lse[g], torch.logsumexp(lw[lo - first : hi - first], 0))
+        self.seen = last
+
+    def _check_done(self) -> None:
+        if self.seen != self.K:
+            raise ValueError(f"{self.seen} draws of {self.K} seen")
+
+    @property
+    def total(self) -> torch.Tensor:
+        """sum_k w_k, relative to the largest weight."""
+        return self.rest_powers[0] + torch.exp(self.top - self.max).sum(0)
+
+    def log_mean_exp(self) -> torch.Tensor:
+        """log(mean_k w_k): the IWAE-K estimate."""
+        self._check_done()
+        return self.max + torch.log(self.total) - math.log(self.K)
+
+    def pareto_k(self) -> torch.Tensor:
+        """As ``pareto_k`` of the K draws."""
+        self._check_done()
+        if self.M < 5 or self.M + 1 > self.K:
+            return torch.full_like(self.max, float("nan"))
+        return _tail_fit(self.top[: self.M + 1])[0]
+
+    def delta_method_se(self) -> torch.Tensor:
+        """As ``delta_method_se`` of the K draws."""
+        self._check_done()
+        return self.w.std() / (math.sqrt(self.K) * self.w.mean)
+
+    def log_mean_exp_se(self, k_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``log_mean_exp_se`` of the K draws."""
+        self._check_done()
+        if self.K < 2 or self.M < 5 or self.M + 1 > self.K:
+            return self.delta_method_se()
+        top_sq = torch.exp(2 * (self.top[self.M :] - self.max)).sum(0)
+        group_means = self.group_lse - math.log(self.group_size)
+        return _tail_aware_se(self.top[: self.M + 1], self.rest_powers[1] + top_sq, self.total, self.K,
+                              group_means, k_hat)
+
+    def jackknife(self) -> torch.Tensor:
+        """As ``jackknife(log_w, 1)`` of the K draws: K L_K - (K - 1) L_{K-1}, written as
+        lse - (K - 1)/K T + (K - 1) log(K - 1) - K log K with T = sum_i (lse_{-i} - lse),
+        which avoids the cancellation of K L_K against (K - 1) L_{K-1}."""
+        self._check_done()
+        K = self.K
+        if K < 2:
+            return torch.full_like(self.max, float("nan"))
+        total = self.total
+        lse = self.max + torch.log(total)
+        # the largest draw: the log share of the others, summed without a subtraction
+        others = self.rest_powers[0] + torch.exp(self.top[1:] - self.max).sum(0)
+        T = torch.log(others) - torch.log(total)
+        T = T + torch.log1p(-torch.exp((self.top[1:] - lse).clamp_max(0))).sum(0)
+        n = torch.arange(1, self.POWERS + 1, dtype=total.dtype, device=total.device).unsqueeze(-1)
+        T = T - (self.rest_powers / (n * total**n)).sum(0)
+        return lse - (K - 1) / K * T + (K - 1) * math.log(K - 1) - K * math.log(K)

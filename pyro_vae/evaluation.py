@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from .bounds import BoundEstimates, estimate_bounds
-from .data import random_rows
+from .data import Dataset, random_rows
+from .errors import DataError
 from .train import Run
 
 
@@ -22,13 +23,20 @@ def split_data(run: Run, split: str = "test", limit: int | None = None, seed: in
     """A split of the run's dataset as evaluation sees it (binarized once with a fixed
     seed), on the model's device: ``(x, labels or None, row indices)``. ``limit`` takes
     that many rows at random (seeded), since some split files are sorted by class."""
-    data = run.train.load_data(data_dir, download)
-    x = data.eval_data(split)
+    data = run.load_data(data_dir, download)
+    x = nonempty_split(data, split)
     index = torch.arange(x.shape[0])
     if limit is not None and limit < x.shape[0]:
         index = random_rows(x.shape[0], limit, seed)
     labels = data.labels[split][index] if split in data.labels else None
     return x[index].to(next(run.model.parameters()).device), labels, index
+
+
+def nonempty_split(data: Dataset, split: str) -> torch.Tensor:
+    """The split as evaluation sees it, refused if it has no images."""
+    if split not in data.splits or len(data.split(split)) == 0:
+        raise DataError(f"{data.name} has no {split} images; choose another split")
+    return data.eval_data(split)
 
 
 def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_particles: int, *,

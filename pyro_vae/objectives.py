@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from .bounds import importance_traces, log_weights
-from .errors import ConfigError
+from .errors import ConfigError, Flag
 
 
 class RenyiObjective:
@@ -113,14 +113,15 @@ class ObjectiveSpec:
     def check(self, particles: int, alpha: float, beta: float, kl_warmup: float) -> None:
         """Refuse settings that this objective cannot use, naming the option."""
         if particles < 1:
-            raise ConfigError(f"--particles must be at least 1, got {particles}")
+            raise ConfigError(f"{{particles}} must be at least 1, got {particles}", particles=Flag("particles"))
         if self.uses_alpha and not 0 < alpha < 1:
-            raise ConfigError(f"--alpha must lie in (0, 1) for --objective {self.name}, got {alpha}")
+            raise ConfigError(f"{{alpha}} must lie in (0, 1) for {{objective}}, got {alpha}",
+                              alpha=Flag("alpha"), objective=Flag("objective", self.name))
         if not self.allows_kl_weight and (beta != 1 or kl_warmup != 0):
             raise ConfigError(
-                f"--objective {self.name} is a single importance-weighted bound: a KL weight "
-                "inside its logsumexp would make it bound nothing, so --beta and --kl-warmup "
-                "cannot be used with it")
+                "{objective} is a single importance-weighted bound: a KL weight inside its logsumexp "
+                "would make it bound nothing, so {beta} and {kl_warmup} cannot be used with it",
+                objective=Flag("objective", self.name), beta=Flag("beta"), kl_warmup=Flag("kl_warmup"))
 
 
 def _elbo(cls: type) -> Callable[[int, float], ELBO]:

@@ -64,9 +64,23 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
 
 
 def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train and validation bound per epoch, in nats per image."""
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    """Train and validation bound per epoch, in nats per image; beside them, where the
+    history has them, the validation ELBO's two terms: KL and reconstruction."""
+    terms = all("valid_kl" in row for row in history)
+    fig = Figure(figsize=(11 if terms else 6, 4))
+    if terms:
+        right = fig.add_subplot(1, 2, 2)
+        epochs = [row["epoch"] for row in history]
+        right.plot(epochs, [row["valid_kl"] for row in history], color="tab:red", label="KL(q(z|x) || p(z))")
+        right.set_ylabel("KL (nats per image)", color="tab:red")
+        other = right.twinx()
+        other.plot(epochs, [row["valid_reconstruction"] for row in history], color="tab:blue",
+                   label="E_q log p(x|z)")
+        other.set_ylabel("reconstruction (nats per image)", color="tab:blue")
+        right.set_xlabel("epoch")
+        right.set_title("validation ELBO = reconstruction - KL", fontsize=9)
+        right.grid(alpha=0.3)
+    ax = fig.add_subplot(1, 2, 1) if terms else fig.add_subplot()
     epochs = [row["epoch"] for row in history]
     ax.plot(epochs, [row["train_bound"] for row in history], label="train (fixed subset)")
     ax.plot(epochs, [row["valid_bound"] for row in history], label="validation")
@@ -100,7 +114,37 @@ def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int =
     zy, zx = torch.meshgrid(q.flip(0), q, indexing="ij")
     z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
     images = model.decode_mean(z.to(model.device))
-    return image_grid(images, image_shape, path, title="latent manifold (Gaussian quantile grid)", ncol=n)
+    grid = mosaic(images, image_shape, n)
+    fig = Figure(figsize=(grid.shape[1] / 40 + 1.2, grid.shape[0] / 40 + 1.2))
+    ax = fig.add_subplot()
+    if grid.ndim == 3:
+        ax.imshow(np.clip(grid, 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    _, h, w = as_chw(image_shape)
+    every = max(1, n // 5)
+    cells = list(range(0, n, every))
+    ax.set_xticks([c * (w + 1) + w / 2 for c in cells], [f"{q[c]:.2f}" for c in cells], fontsize=7)
+    ax.set_yticks([r * (h + 1) + h / 2 for r in cells], [f"{q.flip(0)[r]:.2f}" for r in cells], fontsize=7)
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title("latent manifold (Gaussian quantile grid)", fontsize=9)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def latent_interpolation(model: Any, x: torch.Tensor, image_shape: Sequence[int], path: Path,
+                         pairs: int = 8, steps: int = 10) -> Path:
+    """Rows that walk in a straight line from the posterior mean of one image to that of
+    another (``model.encode``), decoded at each step (``model.decode_mean``); the first
+    ``2 pairs`` rows of ``x`` give the pairs."""
+    pairs = min(pairs, len(x) // 2)
+    loc = model.encode(x[: 2 * pairs])[0]
+    t = torch.linspace(0, 1, steps, device=loc.device).view(1, steps, 1)
+    z = loc[0::2].unsqueeze(1) * (1 - t) + loc[1::2].unsqueeze(1) * t  # (pairs, steps, z_dim)
+    images = model.decode_mean(z.reshape(pairs * steps, -1))
+    return image_grid(images, image_shape, path, title="latent interpolation between posterior means (rows)",
+                      ncol=steps)
 
 
 @torch.no_grad()
@@ -125,7 +169,13 @@ def latent_scatter(points: torch.Tensor, panels: Sequence[tuple[str, torch.Tenso
     for i, (title, classes) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         c = np.asarray(classes.cpu()) % 20  # tab20 repeats its colours after 20 classes
-        ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap="tab20", vmin=0, vmax=19, s=3, alpha=0.7)
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap="tab20", vmin=0, vmax=19, s=3, alpha=0.7)
+        # which colour is which class (tab20 has 20 colours: beyond them classes share one)
+        handles, _ = dots.legend_elements(num=None)
+        shown = np.unique(np.asarray(classes.cpu()))[:20]
+        key = ax.legend(handles[: len(shown)], [str(v) for v in shown], title=title.split(" ")[-1], loc="lower left",
+                        fontsize=6, title_fontsize=6, ncol=2 if len(shown) > 10 else 1, markerscale=0.8)
+        ax.add_artist(key)
         if centres is not None:
             cxy = ((centres.detach().float().cpu() - mean) @ axes).numpy()
             ax.scatter(cxy[:, 0], cxy[:, 1], marker="x", c="black", s=20, linewidths=1, label="component means")

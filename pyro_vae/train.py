@@ -24,12 +24,13 @@ import pyro
 import torch
 
 from . import plots
-from .config import check_choices, config_from_dict, option
+from .config import MAX_SEED, check_choices, config_from_dict, option
 from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
-from .errors import ConfigError, RunError, TrainingDiverged
+from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
-from .runs import RunDir, load_model_state
+from .bounds import estimate_bounds
+from .runs import RunDir, check_writable, load_model_state
 
 Log = Callable[[str], None]
 
@@ -69,18 +70,20 @@ class TrainConfig:
         """Reject values that cannot work, with the option's name in the message."""
         check_choices(self)
         rules = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (0 < self.lr_decay <= 1, "--lr-decay must lie in (0, 1]"),
-            (self.beta > 0, "--beta must be positive"),
-            (self.kl_warmup >= 0, "--kl-warmup must be non-negative"),
-            (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive"),
-            (self.eval_size >= 1, "--eval-size must be at least 1"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
+            ("beta", self.beta > 0, "positive"),
+            ("kl_warmup", self.kl_warmup >= 0, "non-negative"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "positive"),
+            ("eval_size", self.eval_size >= 1, "at least 1"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+            ("valid_fraction", 0 < self.valid_fraction < 1, "in (0, 1)"),
         ]
-        for ok, message in rules:
+        for name, ok, what in rules:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(f"{{flag}} must be {what}, got {getattr(self, name)!r}", flag=Flag(name))
         if self.objective is not None:
             objective_spec(self.objective).check(self.particles or 1, self.alpha, self.beta, self.kl_warmup)
 
@@ -96,6 +99,15 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     data_info: dict[str, Any] = field(default_factory=dict)
 
+    def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+        """The run's dataset, refused if it is no longer of the shape the model was built for
+        (a file replaced under the run)."""
+        data = self.train.load_data(data_dir, download)
+        if data.x_dim != self.model.x_dim:
+            raise DataError(f"{data.name} now has {data.x_dim} values per item, but the model of {self.dir.path} "
+                            f"was built for {self.model.x_dim}: the dataset changed since the run was trained")
+        return data
+
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The training loop's Adam. Fused: one kernel over all parameters instead of a Python
@@ -108,9 +120,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+        raise ConfigError(f"unknown {{device}} {name!r}; use cpu, cuda, cuda:N or auto", device=Flag("device"))
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise ConfigError("{cuda} was asked for but torch sees no CUDA device; use {cpu}",
+                          cuda=Flag("device", name), cpu=Flag("device", "cpu"))
     return torch.device(name)
 
 
@@ -146,8 +159,23 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _train_config(values: dict[str, Any]) -> TrainConfig:
-    return config_from_dict(TrainConfig, values)
+def _train_config(values: dict[str, Any], where: str = "") -> TrainConfig:
+    return config_from_dict(TrainConfig, values, where)
+
+
+#: what a checkpoint to resume from must hold, and of which kind
+FULL_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "epoch": int, "batch": int,
+              "step": int, "loss_sum": (int, float), "history": list}
+
+
+def _read_config(run: RunDir) -> tuple[dict[str, Any], TrainConfig]:
+    """A run's config.json with its model and training configs checked, for a message that
+    names the file rather than a traceback later."""
+    config = run.config()
+    where = str(run.path / "config.json")
+    cls = model_class(config["model"])
+    config_from_dict(cls.Config, config["model_config"], where)
+    return config, _train_config(config["train"], where)
 
 
 def data_shape(info: dict[str, Any]) -> tuple[int, ...]:
@@ -167,12 +195,22 @@ def fit(
     download: bool = True,
     log: Log | None = None,
     progress: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> Run:
     """Train a new model of family ``model_name`` and save everything into ``run_dir``.
 
     ``model_config`` is the family's config dataclass or a dict of its fields; ``train``
     the ``TrainConfig``. ``log`` receives one line per epoch; ``progress`` shows a bar.
+    ``overwrite`` replaces a run already in ``run_dir`` (never a folder that is not a
+    run); ``resume`` continues the run in ``run_dir`` where it stopped, up to
+    ``train.epochs``, if it has a checkpoint, and starts it otherwise: a notebook cell
+    that can be run again.
     """
+    if resume and run_dir is not None and RunDir(run_dir).has_checkpoint():
+        return _continue(run_dir, epochs=train.epochs if train else None, model_name=model_name,
+                                   data_dir=data_dir, device=device, download=download, log=log,
+                                   progress=progress)
     cls = model_class(model_name)
     if dataclasses.is_dataclass(model_config):
         model_config = dataclasses.asdict(model_config)
@@ -190,10 +228,11 @@ def fit(
         spec = objective_spec(train.objective)
         why = (" (it needs a reparameterized guide without enumerated sites)"
                if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
-        raise ConfigError(f"{model_name} cannot be trained with --objective {train.objective}{why}; "
-                          f"use one of {', '.join(cls.objectives)}")
+        raise ConfigError(f"{model_name} cannot be trained with {{objective}}{why}; "
+                          f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    RunDir.check_free(run_dir)  # before the data loads: fail fast
+    RunDir.check_free(run_dir, overwrite or resume)  # before the data loads: fail fast
+    check_writable(run_dir)
     dev = resolve_device(device)
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
@@ -211,8 +250,8 @@ def fit(
         "data": {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
                  "image_shape": list(data.image_shape) if data.image_shape else None},
     }
-    run = RunDir.create(run_dir, config)
-    return _train(Session.start(run, config, model, data, dev, log, progress), None)
+    run = RunDir.create(run_dir, config, overwrite or resume)
+    return _train(run, lambda: Session.start(run, config, model, data, dev, log, progress), None)
 
 
 def resume(
@@ -230,26 +269,30 @@ def resume(
     ``epochs`` may raise the number of epochs to train for, and ``model_name``, when
     given, must be the run's."""
     run = RunDir.open(run_dir)
-    config = run.config()
+    config, train = _read_config(run)
     if model_name is not None and config["model"] != model_name:
         raise ConfigError(f"{run.path} is a {config['model']} run, not {model_name}")
-    train = _train_config(config["train"])
     if epochs is not None:
         train = dataclasses.replace(train, epochs=epochs)
         train.check()
         config["train"]["epochs"] = epochs
     dev = resolve_device(device)
-    checkpoint = run.load_checkpoint(map_location=dev)
-    data = train.load_data(data_dir, download)
-    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
-    model.check_data(data, train.seed)
+    checkpoint = run.load_checkpoint(map_location=dev, required=FULL_STATE)
     if checkpoint["epoch"] >= train.epochs:
         raise RunError(
             f"{run.path} has already trained {checkpoint['epoch']} epochs (asked for {train.epochs}); "
-            f"pass --epochs N with N > {checkpoint['epoch']} to train longer"
-        )
-    run.write_json("config.json", config)
-    return _train(Session.start(run, config, model, data, dev, log, progress), checkpoint)
+            f"pass {{epochs}} with N > {checkpoint['epoch']} to train longer", epochs=Flag("epochs", "N"))
+    check_writable(run.path)
+    data = train.load_data(data_dir, download)
+    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
+    model.check_data(data, train.seed)
+    run.lock()
+
+    def start() -> Session:
+        run.write_json("config.json", config)
+        return Session.start(run, config, model, data, dev, log, progress)
+
+    return _train(run, start, checkpoint)
 
 
 @dataclass
@@ -307,6 +350,7 @@ class Session:
     image_shape: tuple[int, ...] | None
     log: Log
     progress: bool
+    board: Any = None  # TensorBoard writer, when tensorboard is installed
 
     @classmethod
     def start(cls, run: RunDir, config: dict[str, Any], model: Family, data: Dataset, device: torch.device,
@@ -326,7 +370,7 @@ class Session:
             valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
             valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
             image_shape=as_chw(config["data"]["image_shape"]),
-            log=log or (lambda message: None), progress=progress,
+            log=log or (lambda message: None), progress=progress, board=_tensorboard(run.path / "tensorboard"),
         )
 
     def kl_weight(self, step: int) -> float:
@@ -335,8 +379,20 @@ class Session:
         return self.train.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else self.train.beta
 
 
-def _train(session: Session, checkpoint: dict[str, Any] | None) -> Run:
-    """Train from ``checkpoint`` (None: from the start) to the configured number of epochs."""
+def _train(run: RunDir, start: Callable[[], Session], checkpoint: dict[str, Any] | None) -> Run:
+    """Start the session and train from ``checkpoint`` (None: from the start) to the
+    configured number of epochs, holding the run's lock throughout."""
+    session = None
+    try:
+        session = start()
+        return _train_session(session, checkpoint)
+    finally:
+        if session is not None and session.board is not None:
+            session.board.close()
+        run.unlock()
+
+
+def _train_session(session: Session, checkpoint: dict[str, Any] | None) -> Run:
     s, train = session, session.train
     if checkpoint is None:
         s.model.init_from_data(s.data, train.seed)
@@ -366,10 +422,11 @@ def _train(session: Session, checkpoint: dict[str, Any] | None) -> Run:
             _report_epoch(s, state, row)
     if interrupted.is_set():
         state.save(s)
-        raise RunError(
-            f"interrupted at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
-            f"continue with `pyro-vae fit {s.config['model']} --run-dir {s.run.path} --resume`"
-        )
+        name = signal.Signals(interrupted.signum).name
+        raise Interrupted(
+            f"stopped by {name} at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
+            f"continue with {{resume}}", interrupted.signum,
+            resume=Flag("resume", True, cli=f"pyro-vae fit {s.config['model']} --run-dir {s.run.path} --resume"))
     _final_figures(s)
     return Run(s.run, s.config["model"], s.model, train, state.history, s.config["data"])
 
@@ -425,6 +482,7 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
             "train_loss": state.loss_sum / state.batch,
             "train_bound": objective_bound(s.objective, s.model, s.train_eval),
             "valid_bound": objective_bound(s.objective, s.model, s.valid_eval),
+            **_elbo_terms(s.model, s.valid_eval),
             **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
                if isinstance(v, (int, float))},
             "kl_weight": kl_weight,
@@ -434,6 +492,23 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
         }
 
 
+def _elbo_terms(model: Family, x: torch.Tensor) -> dict[str, float]:
+    """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
+    draw per image (nats per image), for the curves."""
+    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=1000, max_rows=1000)
+    return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
+
+
+def _tensorboard(path: Path) -> Any:
+    """A TensorBoard writer into ``path``, or None when the tensorboard package is not
+    installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
 def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
     """The epoch's log line, the curves, and samples at the middle and the end."""
     scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
@@ -441,6 +516,11 @@ def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
     s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
           f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
     plots.bound_curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
+    if s.board is not None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                s.board.add_scalar(key, value, row["epoch"])
+        s.board.flush()
     if row["epoch"] in (s.train.epochs // 2, s.train.epochs):
         _sample_figure(s, row["epoch"])
 
@@ -455,12 +535,19 @@ def _final_figures(s: Session) -> None:
         s.model.figures(s.valid_eval, s.valid_labels, s.image_shape, s.run.figures)
 
 
+class _Stop(threading.Event):
+    """Set when a stop was asked for, with the number of the signal that asked."""
+
+    signum: int = signal.SIGINT
+
+
 @contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[threading.Event]:
-    """Turn Ctrl-C into a flag that the loop reads between steps, so that the state it
-    saves is never half-way through an optimizer update. A second Ctrl-C stops at once
-    (the checkpoint of the last finished epoch stays)."""
-    flag = threading.Event()
+def _deferred_interrupt() -> Iterator[_Stop]:
+    """Turn Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``timeout`` send) into a flag
+    that the loop reads between steps, so that the state it saves is never half-way
+    through an optimizer update. A second signal stops at once (the checkpoint of the
+    last finished epoch stays)."""
+    flag = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -468,13 +555,15 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
     def handler(signum: int, frame: Any) -> None:
         if flag.is_set():
             raise KeyboardInterrupt
+        flag.signum = signum
         flag.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _sample_figure(s: Session, epoch: int) -> None:
@@ -489,18 +578,24 @@ def _sample_figure(s: Session, epoch: int) -> None:
                      title=f"samples {label}")
 
 
+_continue = resume  # for fit, whose argument ``resume`` hides the function
+
+
 def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") -> Run:
     """Rebuild a trained model from its run directory: ``checkpoint`` is ``last`` (the
     latest saved state) or ``best`` (best validation bound)."""
     run = RunDir.open(path)
-    config = run.config()
+    config, train = _read_config(run)
     names = {"last": "checkpoint.pt", "best": "best.pt"}
     if checkpoint not in names:
-        raise ConfigError(f"--checkpoint must be last or best, got {checkpoint!r}")
+        raise ConfigError(f"{{checkpoint}} must be last or best, got {checkpoint!r}", checkpoint=Flag("checkpoint"))
     dev = resolve_device(device)
     state = run.load_checkpoint(names[checkpoint], map_location=dev)
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     load_model_state(model, state["model"], run.path)
     model.to(dev).eval()
-    history = run.metrics()
-    return Run(run, config["model"], model, _train_config(config["train"]), history, config["data"])
+    try:
+        history = run.metrics()
+    except ValueError:
+        raise RunError(f"{run.path / 'metrics.jsonl'} is damaged (a line is not JSON); restore it, or retrain") from None
+    return Run(run, config["model"], model, train, history, config["data"])

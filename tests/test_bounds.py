@@ -5,6 +5,10 @@ are fixed so a pass is reproducible.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +17,8 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_vae import VAE, VAEConfig, estimate_bounds, log_weights
+from pyro_vae.bounds import sweep_for
+from pyro_vae.diagnostics import delta_method_se, jackknife, log_mean_exp_se, pareto_k
 
 D, d = 5, 2
 
@@ -91,7 +97,7 @@ def test_chunking_does_not_change_estimates(ppca):
     a = estimate_bounds(model, guide, x, 64, batch_size=20, max_rows=10_000)
     pyro.set_rng_seed(3)
     b = estimate_bounds(model, guide, x, 64, batch_size=20, max_rows=20 * 64)
-    assert torch.equal(a.log_px, b.log_px)
+    torch.testing.assert_close(a.log_px, b.log_px)  # equal to float32 rounding
     c = estimate_bounds(model, guide, x, 64, batch_size=3, max_rows=7)  # tiny chunks run
     assert c.log_px.shape == (20,)
 
@@ -268,7 +274,8 @@ def test_jackknife_has_less_bias_than_iwae_at_the_same_k(ppca):
 
 def test_diagnostics_leave_the_iwae_numbers_as_they_were(ppca):
     """The IWAE-k sweep, log p(x) and the old delta-method error are the formulas they were
-    before the diagnostics came in, for the same draws."""
+    before the diagnostics came in, for the same draws (to float32 rounding: the sums now
+    run over the chunks as they stream)."""
     model, guide, x, *_ = ppca
     pyro.set_rng_seed(7)
     est = estimate_bounds(model, guide, x, 200, batch_size=20, max_rows=10_000)
@@ -277,11 +284,81 @@ def test_diagnostics_leave_the_iwae_numbers_as_they_were(ppca):
     for k, v in est.iwae.items():
         m = 200 // k
         expected = (torch.logsumexp(lw[: m * k].view(m, k, -1), 1) - math.log(k)).mean(0)
-        assert torch.equal(v, expected), k
-    assert torch.equal(est.log_px, torch.logsumexp(lw, 0) - math.log(200))
+        torch.testing.assert_close(v, expected, msg=str(k))
+    torch.testing.assert_close(est.log_px, torch.logsumexp(lw, 0) - math.log(200))
     w = torch.exp(lw - lw.max(0, keepdim=True).values)
-    assert torch.equal(est.log_px_se_delta, w.std(0) / (math.sqrt(200) * w.mean(0)))
+    torch.testing.assert_close(est.log_px_se_delta, w.std(0) / (math.sqrt(200) * w.mean(0)))
     assert est.k_hat.shape == est.jackknife.shape == (20,)
+
+
+def concatenating_bounds(model, guide, x, K, chunk):
+    """The evaluator as it was before it streamed: every chunk's weights of the batch kept,
+    then each number computed from all K at once. The reference for the streaming one."""
+    lw, ll = [], []
+    for k0 in range(0, K, chunk):
+        with pyro.validation_enabled(k0 == 0):
+            w, lik = log_weights(model, guide, x, min(chunk, K - k0))
+        lw.append(w)
+        ll.append(lik)
+    lw = torch.cat(lw)
+    k_hat = pareto_k(lw)
+    out = {"elbo": lw.mean(0), "elbo_se": lw.std(0) / math.sqrt(K), "log_lik": torch.cat(ll).mean(0),
+           "log_px": torch.logsumexp(lw, 0) - math.log(K), "k_hat": k_hat,
+           "log_px_se": log_mean_exp_se(lw, k_hat), "log_px_se_delta": delta_method_se(lw),
+           "jackknife": jackknife(lw, 1)}
+    for k in sweep_for(K):
+        m = K // k
+        groups = torch.logsumexp(lw[: m * k].view(m, k, -1), 1) - math.log(k)
+        out[f"iwae{k}"] = groups.mean(0)
+        out[f"iwae_se{k}"] = groups.std(0) / math.sqrt(m) if k < K else out["log_px_se"]
+    return out
+
+
+@pytest.mark.parametrize("K,max_rows", [(200, 10_000), (200, 7 * 20), (1000, 13 * 20), (30, 20)])
+def test_the_streaming_evaluator_equals_the_concatenating_one_per_image(narrow_ppca, K, max_rows):
+    """For the same draws, every per-image number equals the one computed from all K
+    weights at once, whatever the chunks (here of K, 7, 13 and 1 draws: the IWAE-k groups
+    and the groups of the tail-aware error straddle them), to float32 rounding."""
+    model, guide, marginal, _ = narrow_ppca
+    x = marginal.sample((20,))
+    pyro.set_rng_seed(11)
+    est = estimate_bounds(model, guide, x, K, batch_size=20, max_rows=max_rows)
+    pyro.set_rng_seed(11)
+    ref = concatenating_bounds(model, guide, x, K, max_rows // 20)
+    got = {"elbo": est.elbo, "elbo_se": est.elbo_se, "log_lik": est.log_lik, "log_px": est.log_px,
+           "k_hat": est.k_hat, "log_px_se": est.log_px_se, "log_px_se_delta": est.log_px_se_delta,
+           "jackknife": est.jackknife,
+           **{f"iwae{k}": v for k, v in est.iwae.items()}, **{f"iwae_se{k}": v for k, v in est.iwae_se.items()}}
+    assert set(got) == set(ref)
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value.to(got[name].dtype), rtol=1e-5, atol=1e-5,
+                                   equal_nan=True, msg=name)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from pyro_vae import VAE, VAEConfig, estimate_bounds
+torch.set_num_threads(1)  # tiny tensors: threads would only wait on each other
+torch.manual_seed(0)
+vae = VAE(16, VAEConfig(z_dim=2, hidden=(8,)))
+x = torch.bernoulli(torch.full((3, 16), 0.5))
+estimate_bounds(vae.model, vae.guide, x, int(sys.argv[1]), batch_size=3, max_rows=30_000)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_evaluation_memory_does_not_grow_with_k(tmp_path):
+    """Peak resident memory at K = 10^6 is within 100 MB of that at K = 10^3, on the same
+    three images (each in a fresh process)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(MEMORY_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    peak = {}
+    for K in (1_000, 1_000_000):
+        out = subprocess.run([sys.executable, str(probe), str(K)], capture_output=True, text=True, env=env,
+                             check=True)
+        peak[K] = int(out.stdout.split()[-1])
+    assert peak[1_000_000] - peak[1_000] < 100, peak
 
 
 def test_summary_withholds_untrusted_errors(narrow_ppca):

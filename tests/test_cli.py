@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from pyro_vae.cli import main
+from pyro_vae.data import Dataset
 
 FAST = ["--z-dim", "2", "--hidden", "16", "--epochs", "2", "--batch-size", "20",
         "--eval-size", "50", "--device", "cpu", "-q"]
@@ -47,13 +48,24 @@ def test_fit_evaluate_sample_reconstruct_plot(trained, tmp_path):
     assert "log p(x), IWAE-20" in result.output and "IWAE-10" in result.output and "jackknife" in result.output
     assert per_image["k_hat"].shape == per_image["jackknife"].shape == (20,)
 
-    result = invoke("sample", trained, "-n", 9, "--output", tmp_path / "s.png", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "s.png").stat().st_size > 0 and np.load(tmp_path / "s.npy").shape == (9, 64)
+    result = invoke("sample", trained, "-n", 9, "--output", tmp_path / "new" / "s.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output  # a missing folder is made
+    assert (tmp_path / "new" / "s.png").stat().st_size > 0 and np.load(tmp_path / "new" / "s.npy").shape == (9, 64)
+    assert invoke("sample", trained, "-n", 4, "--device", "cpu").exit_code == 0
+    assert (trained / "figures" / "samples.png").is_file()
 
     result = invoke("reconstruct", trained, "--split", "valid", "-n", 5, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert (trained / "reconstructions.png").is_file()
+    assert (trained / "figures" / "reconstructions.png").is_file()
+
+    result = invoke("encode", trained, "--split", "valid", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    codes = np.load(trained / "codes-valid.npz")
+    assert codes["loc"].shape == codes["scale"].shape == (20, 2) and (codes["scale"] > 0).all()
+    assert codes["index"].tolist() == list(range(20))
+    csv_rows = (trained / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and "valid_kl" in csv_rows[0] and "valid_reconstruction" in csv_rows[0]
+    assert {"interpolation.png", "manifold.png"} <= {p.name for p in (trained / "figures").iterdir()}
 
     for figure in (trained / "figures").iterdir():
         figure.unlink()  # so that what follows checks that plot draws them again
@@ -249,3 +261,130 @@ def test_fit_iwae_is_the_vae_pair_on_the_importance_weighted_bound(tiny_npy, tmp
                               *FAST), "--kl-warmup")
     assert not (tmp_path / "no").exists()
     assert "iwae objective and 5 particles" in invoke("fit", "iwae", "--help").output
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes: to check that nothing existing changed."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _best_over_last(run):
+    (run / "checkpoint.pt").write_bytes((run / "best.pt").read_bytes())
+
+
+def _set_config(run, edit):
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _other_shape(run):
+    np.save(run.parent / "tiny.npy", np.zeros((200, 6, 6), dtype=np.float32))
+
+
+# (what is done to the trained run, the command that meets it, a fragment of the one-line message)
+DAMAGE = {
+    "zero-byte checkpoint": (lambda r: (r / "checkpoint.pt").write_bytes(b""), ["evaluate", "--iw", 2], "truncated"),
+    "best.pt over checkpoint.pt, then --resume": (_best_over_last, ["fit", "vae", "--resume", "--epochs", 3], "lacks optimizer"),
+    "checkpoint of another type": (lambda r: torch.save({"format": 1, "model": [1, 2]}, r / "checkpoint.pt"),
+                                   ["evaluate", "--iw", 2], "lacks model"),
+    "config.json entry missing": (lambda r: _set_config(r, lambda c: c.pop("data")), ["evaluate", "--iw", 2], "damaged"),
+    "config.json wrongly typed": (lambda r: _set_config(r, lambda c: c["train"].update(epochs="ten")),
+                                  ["fit", "vae", "--resume", "--epochs", 3], "--epochs must be of type int"),
+    "model config wrongly typed": (lambda r: _set_config(r, lambda c: c["model_config"].update(z_dim=[2])),
+                                   ["sample"], "--z-dim must be of type int"),
+    "config.json not JSON": (lambda r: (r / "config.json").write_text("{"), ["plot"], "cannot read"),
+    "metrics.jsonl damaged": (lambda r: (r / "metrics.jsonl").write_text("{oops\n"), ["plot"], "metrics.jsonl"),
+    "dataset of another shape": (_other_shape, ["evaluate", "--iw", 2], "changed since"),
+    "dataset of another shape, resume": (_other_shape, ["fit", "vae", "--resume", "--epochs", 3], "values per item"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_runs_end_in_one_line_and_nothing_changes(trained, damage):
+    spoil, command, fragment = DAMAGE[damage]
+    spoil(trained)
+    before = snapshot(trained)
+    args = [*command[:2], "--run-dir", trained, *command[2:]] if command[0] == "fit" else [command[0], trained, *command[1:]]
+    assert_clean_error(invoke(*args, "--device", "cpu"), fragment)
+    assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--z-dim", 0], "--z-dim must be at least 1"),
+    (["--z-dim", -3], "--z-dim must be at least 1"),
+    (["--seed", -1], "--seed must be"),
+    (["--seed", 2**64], "--seed must be"),
+])
+def test_degenerate_sizes_and_seeds(tiny_npy, tmp_path, args, fragment):
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", *FAST, *args)
+    assert_clean_error(result, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_and_sample_seeds_outside_the_range(trained):
+    result = invoke("evaluate", trained, "--iw", 2, "--seed", -5)
+    assert result.exit_code == 2 and "--seed" in result.output
+
+
+def test_empty_splits_and_an_ssvae_with_every_image_labelled(tmp_path):
+    from conftest import make_binary_images
+
+    x, y = make_binary_images(60, seed=1, with_labels=True)
+    np.savez(tmp_path / "empty.npz", train=x, valid=x[:0], test=x[:10])
+    assert_clean_error(invoke("fit", "vae", "--dataset", tmp_path / "empty.npz", "--run-dir", tmp_path / "r", *FAST),
+                       "no items")
+    rows = np.concatenate([np.where(y == c)[0][:5] for c in range(4)])
+    np.savez(tmp_path / "all.npz", train=x[rows], train_labels=y[rows], valid=x[:10], valid_labels=y[:10])
+    result = invoke("fit", "ssvae", "--dataset", tmp_path / "all.npz", "--classes", 4, "--labels", 20,
+                    "--run-dir", tmp_path / "s", *FAST)
+    assert_clean_error(result, "all 20 training images")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_unwritable_outputs_are_refused_before_the_work(trained, tiny_npy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", blocker / "run", *FAST), "cannot write")
+    before = snapshot(trained)
+    assert_clean_error(invoke("evaluate", trained, "--iw", 2, "--output", blocker / "e.json"), "cannot write")
+    assert_clean_error(invoke("sample", trained, "--output", blocker / "s.png"), "cannot write")
+    assert snapshot(trained) == before
+
+
+def test_evaluating_the_best_checkpoint_keeps_the_last_ones_file(trained):
+    assert invoke("evaluate", trained, "--iw", 4, "--split", "valid", "--device", "cpu").exit_code == 0
+    last = (trained / "eval-valid-iw4.json").read_bytes()
+    assert invoke("evaluate", trained, "--iw", 4, "--split", "valid", "--checkpoint", "best").exit_code == 0
+    assert (trained / "eval-valid-iw4.json").read_bytes() == last
+    assert json.loads((trained / "eval-valid-iw4-best.json").read_text())["checkpoint"] == "best"
+    assert_clean_error(invoke("evaluate", trained, "--iw", 4), "no test images")
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_a_signal_saves_and_exits_with_the_shells_status(tiny_npy, tmp_path, monkeypatch, signum, code):
+    import os
+
+    original = Dataset.train_batches
+
+    def interrupting(self, *args, **kwargs):
+        for i, batch in enumerate(original(self, *args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", *FAST)
+    assert result.exit_code == code, result.output
+    assert "Error" not in result.output and "Traceback" not in result.output
+    assert "state is saved" in result.output and "--resume" in result.output
+    monkeypatch.setattr(Dataset, "train_batches", original)
+    result = invoke("fit", "vae", "--run-dir", tmp_path / "r", "--resume", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_run_without_checkpoint_is_offered_a_restart(trained, tiny_npy):
+    (trained / "checkpoint.pt").unlink()
+    assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", trained, *FAST), "--overwrite")
+    result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", trained, "--overwrite", *FAST)
+    assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import torch
 
 from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_run, resume
 from pyro_vae.data import Dataset
-from pyro_vae.errors import ConfigError, RunError, TrainingDiverged
+from pyro_vae.errors import ConfigError, Interrupted, RunError, TrainingDiverged
 
 SMALL = {"z_dim": 2, "hidden": (16,)}
 
@@ -60,7 +60,10 @@ def test_resume_after_a_finished_stage_matches_an_uninterrupted_run(tiny_npy, tm
         assert torch.equal(a, b)
 
 
-def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monkeypatch, signum):
+    """Ctrl-C and SIGTERM alike: the step under way finishes, the state is saved, and the
+    resumed run is the uninterrupted one."""
     full = fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "full", device="cpu")
     original = Dataset.train_batches
     calls = {"n": 0}
@@ -68,13 +71,15 @@ def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monk
     def interrupting(self, *args, **kwargs):
         for batch in original(self, *args, **kwargs):
             calls["n"] += 1
-            if calls["n"] == 12:  # Ctrl-C during the 3rd batch of epoch 2 (9 batches an epoch)
-                os.kill(os.getpid(), signal.SIGINT)
+            if calls["n"] == 12:  # during the 3rd batch of epoch 2 (9 batches an epoch)
+                os.kill(os.getpid(), signum)
             yield batch
 
     monkeypatch.setattr(Dataset, "train_batches", interrupting)
-    with pytest.raises(RunError, match="--resume"):
+    with pytest.raises(Interrupted, match="resume=True") as stopped:
         fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "cut", device="cpu")
+    assert stopped.value.exit_code == 128 + signum
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
     monkeypatch.setattr(Dataset, "train_batches", original)
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 3)  # the step under way finished
@@ -113,8 +118,9 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_npy, 
 
 def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
     fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "done", device="cpu")
-    with pytest.raises(RunError, match="--epochs"):
+    with pytest.raises(RunError, match="epochs='N'") as refused:
         resume(tmp_path / "done", device="cpu")
+    assert "--" not in str(refused.value) and "--epochs N" in refused.value.cli_message()
 
 
 PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective in cls.objectives]
@@ -136,7 +142,7 @@ def test_every_model_trains_with_each_of_its_objectives(model_name, objective, t
                          [(n, o) for n, cls in sorted(MODELS.items()) for o in sorted(OBJECTIVES)
                           if o not in cls.objectives])
 def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, objective, tiny_labelled, tmp_path):
-    with pytest.raises(ConfigError, match=f"{model_name} cannot be trained with --objective {objective}"):
+    with pytest.raises(ConfigError, match=f"{model_name} cannot be trained with objective='{objective}'"):
         fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), config(tiny_labelled, objective=objective),
             tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()
@@ -145,5 +151,86 @@ def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, 
 @pytest.mark.parametrize("objective", ["iwae", "renyi"])
 @pytest.mark.parametrize("extra", [{"beta": 0.5}, {"kl_warmup": 2.0}])
 def test_importance_weighted_objectives_refuse_a_kl_weight(objective, extra, tiny_npy, tmp_path):
-    with pytest.raises(ConfigError, match="importance-weighted bound.*--beta and --kl-warmup"):
+    with pytest.raises(ConfigError, match="importance-weighted bound.*beta and kl_warmup"):
         fit("vae", SMALL, config(tiny_npy, objective=objective, particles=5, **extra), tmp_path / "r", device="cpu")
+
+
+def test_fit_twice_from_python_with_overwrite(tiny_npy, tmp_path):
+    """A notebook cell run again: refused with the Python wording, then replaced."""
+    first = fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "nb", device="cpu")
+    with pytest.raises(RunError, match="overwrite=True") as refused:
+        fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "nb", device="cpu")
+    assert "--" not in str(refused.value)
+    second = fit("vae", SMALL, config(tiny_npy, epochs=2), tmp_path / "nb", device="cpu", overwrite=True)
+    assert len(first.history) == 1 and len(second.history) == 2
+    assert len(load_run(tmp_path / "nb").history) == 2
+
+
+def test_fit_with_resume_continues_or_starts(tiny_npy, tmp_path):
+    a = fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "r", device="cpu", resume=True)  # starts
+    b = fit("vae", SMALL, config(tiny_npy, epochs=2), tmp_path / "r", device="cpu", resume=True)  # continues
+    assert [row["epoch"] for row in b.history] == [1, 2] and b.history[0] == a.history[0]
+
+
+def test_overwrite_never_removes_a_folder_that_is_not_a_run(tiny_npy, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RunError, match="not a run directory"):
+        fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "mine", device="cpu", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_restarted(tiny_npy, tmp_path, monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Dataset, "train_batches", fail)
+    with pytest.raises(OSError):
+        fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "f", device="cpu")
+    monkeypatch.undo()
+    (tmp_path / "f" / ".checkpoint.pt.abc.tmp").write_bytes(b"half")  # what a kill leaves
+    with pytest.raises(RunError, match="no checkpoint.*overwrite=True"):
+        resume(tmp_path / "f", device="cpu")
+    with pytest.raises(RunError, match="before its first checkpoint.*overwrite=True"):
+        fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "f", device="cpu")
+    run = fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "f", device="cpu", overwrite=True)
+    assert len(run.history) == 1 and not list((tmp_path / "f").glob("*.tmp"))
+
+
+def test_stale_temporary_files_are_removed_at_the_next_start(tiny_npy, tmp_path):
+    fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "t", device="cpu")
+    stale = tmp_path / "t" / ".checkpoint.pt.x1y2.tmp"
+    stale.write_bytes(b"left by kill -9")
+    resume(tmp_path / "t", epochs=2, device="cpu")
+    assert not stale.exists()
+
+
+LOCK_HOLDER = """
+import sys, time
+from pyro_vae.runs import RunDir
+run = RunDir(sys.argv[1])
+run.lock()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lock_stops_a_second_process_and_a_dead_one_holds_nothing(tiny_npy, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "l", device="cpu")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "l")], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (tmp_path / "l" / "checkpoint.pt").read_bytes()
+        with pytest.raises(RunError, match=f"another process.*pid {holder.pid}"):
+            resume(tmp_path / "l", epochs=2, device="cpu")
+        assert (tmp_path / "l" / "checkpoint.pt").read_bytes() == before
+    finally:
+        holder.kill()  # as a crash would: the lock goes with the process
+        holder.wait()
+    assert len(resume(tmp_path / "l", epochs=2, device="cpu").history) == 2

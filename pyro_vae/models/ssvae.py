@@ -128,6 +128,10 @@ class SSVAE(Family):
         if int(data.labels["train"].max()) >= self.config.classes:
             raise ConfigError(f"the labels go up to {int(data.labels['train'].max())} but --classes is "
                               f"{self.config.classes}")
+        n = len(data.split("train"))
+        if self.config.labels >= n:
+            raise ConfigError(f"--labels {self.config.labels} would label all {n} training images of {data.name}; "
+                              "the SSVAE also learns from unlabelled ones: label fewer")
         self._labelled_subset(data, seed)
 
     def _labelled_subset(self, data: Dataset, seed: int) -> torch.Tensor:

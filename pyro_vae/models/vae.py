@@ -93,10 +93,12 @@ class VAE(Family):
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:
-        """The latent manifold when z has two dimensions."""
-        if self.config.z_dim != 2:
-            return []
-        return [plots.latent_manifold(self, image_shape, directory / "manifold.png")]
+        """Interpolations between posterior means, and the latent manifold when z has two
+        dimensions."""
+        written = [plots.latent_interpolation(self, x, image_shape, directory / "interpolation.png")]
+        if self.config.z_dim == 2:
+            written.append(plots.latent_manifold(self, image_shape, directory / "manifold.png"))
+        return written
 
 
 class IWAE(VAE):

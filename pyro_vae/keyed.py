@@ -118,3 +118,12 @@ class KeyedNoise(Messenger):
         eps = keyed_normal(self.keys, msg["name"], shape, nb + self.particle_dim, nb - 1,
                            torch.get_default_dtype(), self.keys.index.device)
         msg["value"] = reparameterized(fn, eps)
+
+
+def fold(*words: int) -> int:
+    """A 63-bit seed that depends on every word (as ``fold_in`` does for JAX keys): for
+    streams of their own, such as each training process's generator."""
+    h = torch.tensor(_GOLDEN, dtype=torch.int64)
+    for w in words:
+        h = _mix(h ^ torch.tensor(_signed(w % (1 << 64)), dtype=torch.int64))
+    return int(h) & ((1 << 63) - 1)

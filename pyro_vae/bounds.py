@@ -26,6 +26,7 @@ Every latent must live inside the model's data plate (no global latent variables
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -211,6 +212,20 @@ class BoundEstimates:
     log_px_se_delta: torch.Tensor | None = None
     jackknife: torch.Tensor | None = None
     jackknife_se: torch.Tensor | None = None
+
+    @classmethod
+    def cat(cls, parts: Sequence[BoundEstimates]) -> BoundEstimates:
+        """The estimates of consecutive blocks of datapoints as one (as one call on all of
+        them gives, since the draws are keyed by datapoint)."""
+        def join(values: list[Any]) -> Any:
+            if values[0] is None:
+                return None
+            if isinstance(values[0], dict):
+                return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+            return torch.cat(values)
+
+        return cls(parts[0].num_particles, **{f.name: join([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(cls) if f.name != "num_particles"})
 
     @property
     def kl(self) -> torch.Tensor:

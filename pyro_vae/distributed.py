@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from .errors import ConfigError, Flag, PyroVAEError, RunError
 
 #: seconds a process waits in a collective for the others before it gives up
 DEFAULT_TIMEOUT = 1800.0
+T = TypeVar("T")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -116,15 +117,37 @@ class World:
             return
         try:
             yield
-        except BaseException:
-            self._any_failed(True)
+        except BaseException as e:
+            # rank 0 prints the message when it failed too; this process only if it alone did
+            e.only_here = not self._failures(True)[0]  # type: ignore[attr-defined]
             raise
-        if self._any_failed(False):
+        if any(self._failures(False)):
             raise Abandoned("another process failed; its message says why")
 
-    def _any_failed(self, failed: bool) -> bool:
-        flag = torch.tensor([float(failed)], device=self.comm_device)
-        return self.all_reduce(flag, dist.ReduceOp.MAX).item() > 0
+    def _failures(self, failed: bool) -> list[bool]:
+        """Which processes failed, as every process learns it."""
+        flags = torch.zeros(self.size, device=self.comm_device)
+        flags[self.rank] = float(failed)
+        return [f > 0 for f in self.all_reduce(flags).tolist()]
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """``work()`` on rank 0, then on the others: for reading a dataset that rank 0 may
+        have to download, so that no two processes download into one folder."""
+        result = None
+        with self.together():
+            if self.main:
+                result = work()
+        with self.together():
+            if not self.main:
+                result = work()
+        return result  # type: ignore[return-value]
+
+    def reports(self, error: BaseException) -> bool:
+        """Whether this process prints ``error``: rank 0 does (every process raises the same
+        errors of bad input), the others only for what happened to them alone."""
+        if isinstance(error, Abandoned):
+            return False
+        return self.main or isinstance(error, PeerLost) or getattr(error, "only_here", False)
 
     def shard(self, batch: Sequence[Any]) -> tuple[Any, ...] | None:
         """This process's rows of a step's batch: rows rank, rank + size, ... of every

@@ -248,7 +248,7 @@ def fit(
     dev = world.device(resolve_device(device))
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
-    data = _load_main_first(world, lambda: train.load_data(data_dir, download))
+    data = world.main_first(lambda: train.load_data(data_dir, download))
     if data.note and log and world.main:
         log(data.note)
     pyro.set_rng_seed(train.seed)  # before the weights are initialised
@@ -300,7 +300,7 @@ def resume(
     with world.together():
         if world.main:
             check_writable(run.path)
-    data = _load_main_first(world, lambda: train.load_data(data_dir, download))
+    data = world.main_first(lambda: train.load_data(data_dir, download))
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     model.check_data(data, train.seed)
     with world.together():
@@ -419,19 +419,6 @@ def _check_shares(world: World, batch_size: int) -> None:
     if batch_size < world.size:
         raise ConfigError(f"{{batch_size}} is the batch of one step, shared by the {world.size} processes: "
                           f"it must be at least {world.size}, one image each", batch_size=Flag("batch_size"))
-
-
-def _load_main_first(world: World, load: Callable[[], Dataset]) -> Dataset:
-    """The dataset, read (and downloaded if need be) by rank 0 before the others read it,
-    so that no two processes download into one folder."""
-    data = None
-    with world.together():
-        if world.main:
-            data = load()
-    with world.together():
-        if not world.main:
-            data = load()
-    return data
 
 
 def _fork_process_rng(s: Session, step: int) -> None:

@@ -25,6 +25,8 @@ Every latent must live inside the model's data plate (no global latent variables
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
+from .keyed import DrawKeys, KeyedNoise
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
@@ -64,6 +67,7 @@ def log_weights(
     num_particles: int,
     *args: Any,
     max_plate_nesting: int = 1,
+    keys: DrawKeys | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log importance weights of ``num_particles`` draws for each row of ``x``.
@@ -76,9 +80,11 @@ def log_weights(
     The particles are a vectorized plate left of the model's own plates (as in Pyro's
     ``vectorize_particles=True``), so the encoder runs once per datapoint and the decoder
     once per draw; enumerated sites take the dimensions left of the particle plate.
+    With ``keys`` the guide's draws are keyed by (seed, datapoint, particle)
+    (``keyed.KeyedNoise``) instead of coming from torch's global generator.
     """
     log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
-                                          max_plate_nesting=max_plate_nesting, **kwargs)
+                                          max_plate_nesting=max_plate_nesting, keys=keys, **kwargs)
     return log_w, log_lik
 
 
@@ -90,6 +96,7 @@ def importance_traces(
     *args: Any,
     max_plate_nesting: int = 1,
     stop_guide_params: bool = False,
+    keys: DrawKeys | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace]:
     """``log_weights`` and the guide's trace. With ``stop_guide_params`` the guide's
@@ -100,7 +107,8 @@ def importance_traces(
     particle_dim = -1 - max_plate_nesting
     first_enum_dim = particle_dim - 1
 
-    with pyro.plate("_iw_particles", num_particles, dim=particle_dim):
+    keyed = contextlib.nullcontext() if keys is None else KeyedNoise(keys, particle_dim)
+    with keyed, pyro.plate("_iw_particles", num_particles, dim=particle_dim):
         guide_trace = poutine.trace(
             poutine.enum(guide, first_available_dim=first_enum_dim)
         ).get_trace(x, *args, **kwargs)
@@ -205,6 +213,20 @@ class BoundEstimates:
     jackknife: torch.Tensor | None = None
     jackknife_se: torch.Tensor | None = None
 
+    @classmethod
+    def cat(cls, parts: Sequence[BoundEstimates]) -> BoundEstimates:
+        """The estimates of consecutive blocks of datapoints as one (as one call on all of
+        them gives, since the draws are keyed by datapoint)."""
+        def join(values: list[Any]) -> Any:
+            if values[0] is None:
+                return None
+            if isinstance(values[0], dict):
+                return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+            return torch.cat(values)
+
+        return cls(parts[0].num_particles, **{f.name: join([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(cls) if f.name != "num_particles"})
+
     @property
     def kl(self) -> torch.Tensor:
         """The ELBO's KL term, KL(q(z|x) || p(z)) (with enumerated variables inside)."""
@@ -297,6 +319,8 @@ def estimate_bounds(
     batch_size: int = 100,
     max_rows: int = 2_000,
     progress: Callable[[int], None] | None = None,
+    seed: int | None = None,
+    index: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> BoundEstimates:
     """ELBO, the IWAE-k sweep and log p(x) for every row of ``data``.
@@ -309,12 +333,23 @@ def estimate_bounds(
     Beside the bounds: per datapoint the Pareto k-hat of the weights, the tail-aware error
     of IWAE-K, and the order-1 jackknife estimate, all from the same K draws (the IWAE-k
     numbers do not depend on them).
+
+    The draws are keyed (``keyed``): draw k of row i depends only on (``seed``, ``index[i]``,
+    k), so each row's estimates are the same whatever ``batch_size``, ``max_rows``, the
+    rows beside it or the process that scores it. ``index`` names the rows (default
+    0..N-1; evaluation passes their rows in the split); ``seed`` None takes one from
+    torch's global generator.
     """
     if num_particles < 1:
         raise ValueError(f"the number of importance samples must be at least 1, got {num_particles}")
     if data.shape[0] == 0:
         raise ValueError("there are no datapoints to estimate bounds for")
     ks = sweep_for(num_particles, ks)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    index = (torch.arange(data.shape[0]) if index is None else torch.as_tensor(index)).to(data.device)
+    if index.shape != data.shape[:1]:
+        raise ValueError(f"index has {index.shape[0]} keys for {data.shape[0]} datapoints")
     batch_size = max(1, min(batch_size, max_rows))
     chunk = max(1, max_rows // batch_size)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -332,7 +367,8 @@ def estimate_bounds(
         for k0 in range(0, num_particles, chunk):
             # argument and support checks on the first chunk only: they cost ~20% of the time
             with pyro.validation_enabled(start == 0 and k0 == 0):
-                w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), **kwargs)
+                keys = DrawKeys(seed, index[start : start + batch_size], k0)
+                w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), keys=keys, **kwargs)
             dtype, w = w.dtype, w.double()
             weights.update(w)
             for g in groups:

@@ -7,6 +7,7 @@ change here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from click.core import ParameterSource
 
-from . import plots
+from . import distributed, plots
 from .evaluation import evaluate_run, nonempty_split, split_data
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED
@@ -30,7 +31,7 @@ from .models import MODELS
 from .models.gmvae import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
-RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet")
+RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend")
 
 
 class Group(click.Group):
@@ -106,7 +107,10 @@ def fit() -> None:
 
 def _make_fit_command(name: str, cls: type) -> click.Command:
     def callback(**opts: Any) -> None:
-        ctx = click.get_current_context()
+        with _process_group(opts["backend"], opts["device"]) as world:
+            _fit(ctx=click.get_current_context(), world=world, **opts)
+
+    def _fit(ctx: click.Context, world: distributed.World, **opts: Any) -> None:
         log = None if opts["quiet"] else click.echo
         if opts["resume"]:
             if opts["run_dir"] is None:
@@ -133,8 +137,9 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                             device=opts["device"], download=opts["download"], log=log,
                             progress=not opts["quiet"] and sys.stderr.isatty(), overwrite=opts["overwrite"])
         final = run.history[-1]
-        click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
-                   f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
+        if world.main:
+            click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
+                       f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
 
     params = _options_from_dataclass(cls.Config) + _options_from_dataclass(TrainConfig) + [
         click.Option(["--run-dir"], type=click.Path(file_okay=False),
@@ -143,7 +148,7 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
         click.Option(["--overwrite"], is_flag=True,
                      help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint)"),
-        *_runtime_options(),
+        *_runtime_options(), _BACKEND,
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
     doc = (cls.__doc__ or "").strip().splitlines()[0]
@@ -159,6 +164,27 @@ _RUNTIME: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--download/--no-download",), dict(default=True, show_default=True,
                                          help="download missing datasets")),
 ]
+
+
+_BACKEND = click.Option(
+    ["--backend"], type=click.Choice(distributed.BACKENDS), default="auto", show_default=True,
+    help="under torchrun: how the processes talk (auto: nccl for CUDA devices, gloo for CPUs)")
+
+
+@contextlib.contextmanager
+def _process_group(backend: str, device: str) -> Any:
+    """Join torchrun's processes for the command (alone: nothing to join), and leave. Rank
+    0 prints the errors that every process meets alike; the others exit with their status
+    without a word, unless the error is theirs alone (a lost peer)."""
+    world = distributed.init(backend, device)
+    try:
+        yield world
+    except PyroVAEError as e:
+        if not world.reports(e):
+            raise click.exceptions.Exit(e.exit_code) from None
+        raise
+    finally:
+        distributed.finish()
 
 
 def _runtime_options() -> list[click.Option]:
@@ -189,19 +215,35 @@ def _with_runtime(f: Any) -> Any:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
 @_with_runtime
+@click.option("--backend", type=_BACKEND.type, default=_BACKEND.default, show_default=True, help=_BACKEND.help)
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
              max_rows: int, seed: int, output: str | None, data_dir: str | None, device: str,
-             download: bool) -> None:
-    """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples."""
-    run = load_run(run_dir, checkpoint, device)
-    # the best checkpoint's results have their own name, so that neither overwrites the other
-    name = f"eval-{split}-iw{iw}" + (f"-n{limit}" if limit else "") + ("-best" if checkpoint == "best" else "")
-    out = Path(output) if output else run.dir.path / f"{name}.json"
-    check_writable(out)  # before minutes of work, not after
-    x, labels, index = split_data(run, split, limit, seed, data_dir, download)
-    with click.progressbar(length=len(x), label=f"log p(x), K={iw}", file=sys.stderr) as bar:
-        summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size,
-                                    max_rows=max_rows, progress=bar.update)
+             download: bool, backend: str) -> None:
+    """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples.
+    Each image's draws are keyed by the seed and its row in the split, so its estimates do
+    not depend on --batch-size, --max-rows, --limit or the number of processes."""
+    with _process_group(backend, device) as world:
+        run = load_run(run_dir, checkpoint, device)
+        # the best checkpoint's results have their own name, so that neither overwrites the other
+        name = f"eval-{split}-iw{iw}" + (f"-n{limit}" if limit else "") + ("-best" if checkpoint == "best" else "")
+        out = Path(output) if output else run.dir.path / f"{name}.json"
+        with world.together():
+            if world.main:
+                check_writable(out)  # before minutes of work, not after
+        x, labels, index = world.main_first(lambda: split_data(run, split, limit, seed, data_dir, download))
+        share = len(range(len(x))[world.block(len(x))])
+        bar = click.progressbar(length=share, label=f"log p(x), K={iw}", file=sys.stderr)
+        with bar if world.main else contextlib.nullcontext():
+            summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size, max_rows=max_rows,
+                                        progress=bar.update if world.main else None, index=index)
+        if world.main:
+            _write_evaluation(summary, est, out, checkpoint, split, index)
+
+
+def _write_evaluation(summary: dict[str, Any], est: Any, out: Path, checkpoint: str, split: str,
+                      index: torch.Tensor) -> None:
+    """The summary as JSON (and the reliability diagram, for a classifier), the per-image
+    estimates as .npz, and the table on stdout."""
     summary.update(checkpoint=checkpoint, split=split)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "calibration" in summary:

@@ -14,6 +14,7 @@ import torch
 from .bounds import BoundEstimates, estimate_bounds
 from .data import Dataset, random_rows
 from .errors import DataError
+from .distributed import current as current_world
 from .train import Run
 
 
@@ -41,18 +42,34 @@ def nonempty_split(data: Dataset, split: str) -> torch.Tensor:
 
 def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_particles: int, *,
                  seed: int = 0, ks: Sequence[int] | None = None, batch_size: int = 100,
-                 max_rows: int = 2_000, progress: Callable[[int], None] | None = None
-                 ) -> tuple[dict[str, Any], BoundEstimates]:
+                 max_rows: int = 2_000, progress: Callable[[int], None] | None = None,
+                 index: torch.Tensor | None = None) -> tuple[dict[str, Any] | None, BoundEstimates | None]:
     """ELBO, IWAE-k sweep and log p(x) with ``num_particles`` importance samples for every
     row of ``x`` (from ``split_data``), plus the family's metrics (e.g. accuracy, when
     ``labels`` are given). Returns the summary (as written to JSON) and the per-image
-    estimates."""
-    torch.manual_seed(seed)
+    estimates.
+
+    The draws of each image are keyed by (``seed``, its row in the split: ``index``, by
+    default 0..N-1), so an image's estimates are the same in any batch, chunk, subset or
+    process. Under ``torchrun`` each process scores a contiguous block of the images and
+    rank 0 gathers them: it returns the results, the other processes (None, None)."""
+    world = current_world()
+    if world.size > x.shape[0]:
+        raise DataError(f"{x.shape[0]} images cannot be shared among {world.size} processes: start at most "
+                        f"{x.shape[0]} (torchrun --nproc-per-node), or score more images")
+    index = torch.arange(x.shape[0]) if index is None else index
+    mine = world.block(x.shape[0])
     start = time.perf_counter()
-    est = estimate_bounds(run.model.model, run.model.guide, x, num_particles, ks=ks,
-                          batch_size=batch_size, max_rows=max_rows, progress=progress)
+    est = estimate_bounds(run.model.model, run.model.guide, x[mine], num_particles, ks=ks,
+                          batch_size=batch_size, max_rows=max_rows, progress=progress, seed=seed,
+                          index=index[mine])
+    parts = world.gather(est)
+    if parts is None:
+        return None, None
+    est = BoundEstimates.cat(parts)
+    torch.manual_seed(seed)  # for the family's metrics, should they draw
     summary = {"run": str(run.dir.path), "model": run.model_name, "seed": seed,
-               "seconds": time.perf_counter() - start, "device": str(x.device),
+               "seconds": time.perf_counter() - start, "device": str(x.device), "processes": world.size,
                "likelihood": run.model.likelihood.name, **est.summary(), **run.model.metrics(x, labels)}
     if run.model.likelihood.discrete:
         add_bits_per_dim(summary, x.shape[1])

@@ -3,6 +3,12 @@
 ``fit`` is the one place where training happens; the CLI is a thin layer over it. The loss
 is Pyro's ``differentiable_loss`` and the step a plain torch optimizer step, so learning
 rate schedules and gradient clipping are the torch ones.
+
+Under ``torchrun`` (``distributed.init``) every process runs this same loop on its share
+of each batch (``World.shard``: ``batch_size`` is the batch of a step, shared among the
+processes) and the gradients are summed before the step, so the weights follow the
+single-process run's to float rounding. Rank 0 alone writes the run directory and scores
+the epochs; the others compute.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import pyro
 import torch
 
 from . import plots
+from .distributed import PeerLost, World, current as current_world
+from .keyed import fold
 from .config import MAX_SEED, check_choices, config_from_dict, option
 from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
@@ -230,14 +238,18 @@ def fit(
                if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
         raise ConfigError(f"{model_name} cannot be trained with {{objective}}{why}; "
                           f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
+    world = current_world()
+    _check_shares(world, train.batch_size)
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    RunDir.check_free(run_dir, overwrite or resume)  # before the data loads: fail fast
-    check_writable(run_dir)
-    dev = resolve_device(device)
+    with world.together():
+        if world.main:
+            RunDir.check_free(run_dir, overwrite or resume)  # before the data loads: fail fast
+            check_writable(run_dir)
+    dev = world.device(resolve_device(device))
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
-    data = train.load_data(data_dir, download)
-    if data.note and log:
+    data = world.main_first(lambda: train.load_data(data_dir, download))
+    if data.note and log and world.main:
         log(data.note)
     pyro.set_rng_seed(train.seed)  # before the weights are initialised
     shape = as_chw(data.image_shape) or (data.x_dim,)
@@ -250,8 +262,9 @@ def fit(
         "data": {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
                  "image_shape": list(data.image_shape) if data.image_shape else None},
     }
-    run = RunDir.create(run_dir, config, overwrite or resume)
-    return _train(run, lambda: Session.start(run, config, model, data, dev, log, progress), None)
+    with world.together():
+        run = RunDir.create(run_dir, config, overwrite or resume) if world.main else RunDir(run_dir)
+    return _train(run, lambda: Session.start(run, config, model, data, dev, log, progress, world), None)
 
 
 def resume(
@@ -276,21 +289,28 @@ def resume(
         train = dataclasses.replace(train, epochs=epochs)
         train.check()
         config["train"]["epochs"] = epochs
-    dev = resolve_device(device)
+    world = current_world()
+    _check_shares(world, train.batch_size)
+    dev = world.device(resolve_device(device))
     checkpoint = run.load_checkpoint(map_location=dev, required=FULL_STATE)
     if checkpoint["epoch"] >= train.epochs:
         raise RunError(
             f"{run.path} has already trained {checkpoint['epoch']} epochs (asked for {train.epochs}); "
             f"pass {{epochs}} with N > {checkpoint['epoch']} to train longer", epochs=Flag("epochs", "N"))
-    check_writable(run.path)
-    data = train.load_data(data_dir, download)
+    with world.together():
+        if world.main:
+            check_writable(run.path)
+    data = world.main_first(lambda: train.load_data(data_dir, download))
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     model.check_data(data, train.seed)
-    run.lock()
+    with world.together():
+        if world.main:
+            run.lock()
 
     def start() -> Session:
-        run.write_json("config.json", config)
-        return Session.start(run, config, model, data, dev, log, progress)
+        if world.main:
+            run.write_json("config.json", config)
+        return Session.start(run, config, model, data, dev, log, progress, world)
 
     return _train(run, start, checkpoint)
 
@@ -309,10 +329,15 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, session: Session) -> None:
-        """Write the full checkpoint of the session at this state."""
+        """Write the full checkpoint of the session at this state (every process calls it;
+        rank 0 writes, with each process's RNG state)."""
+        rngs = session.world.gather(_rng_state(session.device))
+        if not session.world.main:
+            return
         session.run.save_checkpoint({
             "model": session.model.state_dict(), "optimizer": session.optimizer.state_dict(),
-            "scheduler": session.scheduler.state_dict(), "rng": _rng_state(session.device),
+            "scheduler": session.scheduler.state_dict(), "rng": rngs[0],
+            **({"process_rngs": rngs} if len(rngs) > 1 else {}),
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "loss_sum": self.loss_sum,
             "history": self.history,
         })
@@ -324,9 +349,16 @@ class TrainState:
         load_model_state(session.model, checkpoint["model"], session.run.path)
         session.optimizer.load_state_dict(checkpoint["optimizer"])
         session.scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"], session.device)
-        return cls(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"], checkpoint["loss_sum"],
-                   list(checkpoint["history"]))
+        state = cls(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"], checkpoint["loss_sum"],
+                    list(checkpoint["history"]))
+        world = session.world
+        rngs = checkpoint.get("process_rngs") or [checkpoint["rng"]]
+        if len(rngs) == world.size:
+            _set_rng_state(rngs[world.rank], session.device)  # the same processes: exactly as it was
+        else:
+            _set_rng_state(checkpoint["rng"], session.device)
+            _fork_process_rng(session, state.step)
+        return state
 
 
 @dataclass
@@ -350,12 +382,14 @@ class Session:
     image_shape: tuple[int, ...] | None
     log: Log
     progress: bool
+    world: World = field(default_factory=World)
     board: Any = None  # TensorBoard writer, when tensorboard is installed
 
     @classmethod
     def start(cls, run: RunDir, config: dict[str, Any], model: Family, data: Dataset, device: torch.device,
-              log: Log | None, progress: bool) -> Session:
+              log: Log | None, progress: bool, world: World | None = None) -> Session:
         train = _train_config(config["train"])
+        world = world or World()
         model.to(device)
         optimizer = make_optimizer(model.parameters(), train.lr)
         # the same random images at every epoch
@@ -370,13 +404,30 @@ class Session:
             valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
             valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
             image_shape=as_chw(config["data"]["image_shape"]),
-            log=log or (lambda message: None), progress=progress, board=_tensorboard(run.path / "tensorboard"),
+            log=(log if log and world.main else lambda message: None), progress=progress and world.main,
+            world=world, board=_tensorboard(run.path / "tensorboard") if world.main else None,
         )
 
     def kl_weight(self, step: int) -> float:
         """beta, reached linearly over the first ``kl_warmup`` epochs."""
         warmup_steps = self.train.kl_warmup * self.steps_per_epoch
         return self.train.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else self.train.beta
+
+
+def _check_shares(world: World, batch_size: int) -> None:
+    """Refuse a batch too small to give every process a row."""
+    if batch_size < world.size:
+        raise ConfigError(f"{{batch_size}} is the batch of one step, shared by the {world.size} processes: "
+                          f"it must be at least {world.size}, one image each", batch_size=Flag("batch_size"))
+
+
+def _fork_process_rng(s: Session, step: int) -> None:
+    """Give processes other than rank 0 generator streams of their own (rank 0 keeps the
+    run's, which is the single-process stream), keyed by the seed, the step and the rank."""
+    if s.world.rank:
+        torch.manual_seed(fold(s.train.seed, step, s.world.rank))
+        if s.device.type == "cuda":
+            torch.cuda.manual_seed(fold(s.train.seed, step, s.world.rank))
 
 
 def _train(run: RunDir, start: Callable[[], Session], checkpoint: dict[str, Any] | None) -> Run:
@@ -386,6 +437,9 @@ def _train(run: RunDir, start: Callable[[], Session], checkpoint: dict[str, Any]
     try:
         session = start()
         return _train_session(session, checkpoint)
+    except PeerLost as e:
+        raise PeerLost(f"{e}; stopped, and the last checkpoint in {run.path} is as it was: continue with "
+                       "{resume}", resume=Flag("resume", True, cli="--resume")) from None
     finally:
         if session is not None and session.board is not None:
             session.board.close()
@@ -398,43 +452,50 @@ def _train_session(session: Session, checkpoint: dict[str, Any] | None) -> Run:
         s.model.init_from_data(s.data, train.seed)
         state = TrainState()
         _sample_figure(s, 0)
+        _fork_process_rng(s, 0)
     else:
         state = TrainState.load(checkpoint, s)
         s.log(f"resuming {s.run.path} at epoch {state.epoch + 1}"
               + (f", batch {state.batch + 1}" if state.batch else ""))
     first_step = state.step
     best = max((row["valid_bound"] for row in state.history), default=-math.inf)
+    stopped = False
     with _deferred_interrupt() as interrupted:
-        while state.epoch < train.epochs and not interrupted.is_set():
+        while state.epoch < train.epochs and not stopped:
             start_time = time.perf_counter()
             s.model.train()
-            kl_weight = _epoch_steps(s, state, first_step, interrupted)
-            if interrupted.is_set():
+            kl_weight, stopped = _epoch_steps(s, state, first_step, interrupted)
+            if stopped:
                 break
-            row = _score_epoch(s, state, kl_weight, start_time)
+            row = s.world.broadcast(_score_epoch(s, state, kl_weight, start_time))
             state.history.append(row)
             state.epoch, state.batch, state.loss_sum = state.epoch + 1, 0, 0.0
-            s.run.write_metrics(state.history)
             state.save(s)
-            if row["valid_bound"] > best:
-                best = row["valid_bound"]
-                s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
-            _report_epoch(s, state, row)
-    if interrupted.is_set():
+            if s.world.main:
+                s.run.write_metrics(state.history)
+                if row["valid_bound"] > best:
+                    s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
+                _report_epoch(s, state, row)
+            best = max(best, row["valid_bound"])
+    if stopped:
         state.save(s)
         name = signal.Signals(interrupted.signum).name
         raise Interrupted(
             f"stopped by {name} at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
             f"continue with {{resume}}", interrupted.signum,
             resume=Flag("resume", True, cli=f"pyro-vae fit {s.config['model']} --run-dir {s.run.path} --resume"))
-    _final_figures(s)
+    if s.world.main:
+        _final_figures(s)
     return Run(s.run, s.config["model"], s.model, train, state.history, s.config["data"])
 
 
-def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: threading.Event) -> float:
-    """The rest of the current epoch's steps (until Ctrl-C); returns the last KL weight."""
+def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _Stop) -> tuple[float, bool]:
+    """The rest of the current epoch's steps, until a stop is asked for (Ctrl-C or SIGTERM,
+    in any process: all stop after the same step); returns the last KL weight and whether
+    it stopped early."""
     train = s.train
     kl_weight = train.beta
+    params = list(s.model.parameters())
     batches = s.model.training_batches(s.data, train.batch_size, state.epoch, train.seed, s.device,
                                        start=state.batch)
     bar = click.progressbar(length=s.steps_per_epoch - state.batch, file=sys.stderr,
@@ -442,19 +503,27 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: th
     with bar if s.progress else contextlib.nullcontext():
         for batch in batches:
             kl_weight = s.kl_weight(state.step)
-            # Pyro's and torch's argument checks cost time on every step: they run on
-            # the first step of each session only, to catch a malformed model early.
-            with pyro.validation_enabled(state.step == first_step):
-                loss = s.model.training_loss(s.objective, batch, kl_weight)
-            value = loss.item() / batch[0].shape[0]
+            rows, shard = batch[0].shape[0], s.world.shard(batch)
+            s.optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            if shard is not None:
+                # Pyro's and torch's argument checks cost time on every step: they run on
+                # the first step of each session only, to catch a malformed model early.
+                with pyro.validation_enabled(state.step == first_step):
+                    loss = s.model.training_loss(s.objective, shard, kl_weight)
+                loss.backward()
+                loss_sum = loss.item()
+            # one all-reduce: the gradients, the loss and whether a stop was asked for anywhere
+            loss_sum, stops = s.world.reduce_gradients(params, loss_sum, float(interrupted.is_set()))
+            if stops and not interrupted.is_set():
+                interrupted.signum = signal.SIGTERM  # asked for in another process
+            value = loss_sum / rows
             if not math.isfinite(value):
                 raise TrainingDiverged(
                     f"the loss became {value} at epoch {state.epoch + 1}, batch {state.batch + 1}; stopped. "
                     f"The last good checkpoint (end of epoch {state.history[-1]['epoch'] if state.history else 0}) "
                     f"is kept in {s.run.path}. Try a lower --lr or --grad-clip 10"
                 )
-            s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(s.model.parameters(), train.grad_clip)
             s.optimizer.step()
@@ -463,17 +532,20 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: th
             state.step += 1
             if s.progress:
                 bar.update(1)
-            if interrupted.is_set():
-                break
-    return kl_weight
+            if stops:
+                return kl_weight, True
+    return kl_weight, False
 
 
-def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: float) -> dict[str, Any]:
+def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: float) -> dict[str, Any] | None:
     """The epoch's metrics row: the objective on fixed training and validation images, the
-    family's scores, and timings. Steps the learning-rate schedule."""
+    family's scores, and timings (on rank 0; None elsewhere). Steps the learning-rate
+    schedule (everywhere)."""
     steps_seconds = time.perf_counter() - start_time
     lr = s.optimizer.param_groups[0]["lr"]
     s.scheduler.step()
+    if not s.world.main:
+        return None  # rank 0 scores and broadcasts the row
     s.model.eval()
     with fixed_rng(s.train.seed + 1, s.device):
         return {
@@ -489,6 +561,7 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
             "lr": lr,
             "seconds": time.perf_counter() - start_time,  # the steps and the scores above
             "steps_seconds": steps_seconds,
+            "processes": s.world.size,
         }
 
 
@@ -568,7 +641,7 @@ def _deferred_interrupt() -> Iterator[_Stop]:
 
 def _sample_figure(s: Session, epoch: int) -> None:
     """Samples from the same prior draws at each point of training, so grids compare."""
-    if s.image_shape is None:
+    if s.image_shape is None or not s.world.main:
         return
     s.model.eval()
     with fixed_rng(s.train.seed, s.device):
@@ -589,7 +662,7 @@ def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") ->
     names = {"last": "checkpoint.pt", "best": "best.pt"}
     if checkpoint not in names:
         raise ConfigError(f"{{checkpoint}} must be last or best, got {checkpoint!r}", checkpoint=Flag("checkpoint"))
-    dev = resolve_device(device)
+    dev = current_world().device(resolve_device(device))
     state = run.load_checkpoint(names[checkpoint], map_location=dev)
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     load_model_state(model, state["model"], run.path)

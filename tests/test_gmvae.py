@@ -11,6 +11,7 @@ import torch
 from pyro import poutine
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO
 
+from pyro_vae.keyed import DrawKeys, keyed_normal
 from pyro_vae import GMVAE, GMVAEConfig, VAE, VAEConfig, estimate_bounds, make_objective
 from pyro_vae.models.gmvae import cluster_accuracy
 
@@ -77,11 +78,12 @@ def test_one_unit_normal_component_gives_the_vae_bound():
 def test_evaluator_log_px_equals_a_direct_mixture_logsumexp(gmvae):
     model, x = gmvae
     K = 300
-    pyro.set_rng_seed(7)
-    est = estimate_bounds(model.model, model.guide, x, K, batch_size=len(x), max_rows=K * len(x))
-    pyro.set_rng_seed(7)  # the same draws: z = loc + scale * eps with eps of shape (K, B, z_dim)
+    est = estimate_bounds(model.model, model.guide, x, K, batch_size=len(x), max_rows=K * len(x), seed=7)
+    # the same draws: z = loc + scale * eps with the keyed eps of shape (K, B, z_dim)
     loc, scale = model.encoder(x)
-    z = torch.distributions.Normal(loc, scale).rsample((K,))
+    eps = keyed_normal(DrawKeys(7, torch.arange(len(x))), "z", torch.Size((K, *loc.shape)), 0, 1,
+                       loc.dtype, loc.device)
+    z = loc + scale * eps
     with torch.no_grad():
         log_lik, log_pz, log_q = explicit_log_weights(model, x, z)
     log_w = log_lik + log_pz - log_q

@@ -14,8 +14,9 @@ vectors) from its config dataclass. It declares:
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the SSVAE overrides the batches and the loss, the GMVAE the figures).
 
-The networks and the likelihood come from their registries (``nets.ENCODERS``,
-``nets.DECODERS``, ``likelihoods.LIKELIHOODS``) by the names in ``NetsConfig``.
+The networks, the likelihood and the guide come from their registries (``nets.ENCODERS``,
+``nets.DECODERS``, ``likelihoods.LIKELIHOODS``, ``guides.GUIDES``) by the names in
+``NetsConfig``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pyro.nn import PyroModule
 from ..config import check_choices, option
 from ..data import Dataset
 from ..errors import ConfigError
+from ..guides import GUIDES
 from ..likelihoods import GAUSSIAN_SCALES, LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
 
@@ -41,7 +43,8 @@ Shape = tuple[int, ...]
 
 @dataclass
 class NetsConfig:
-    """The parts every family is assembled from: networks and the pixel likelihood."""
+    """The parts every family is assembled from: networks, the pixel likelihood, and the
+    family of q(z | x) (a diagonal Gaussian, or a flow of it)."""
 
     encoder: str = option("mlp", "encoder network", ENCODERS)
     decoder: str = option("mlp", "decoder network", DECODERS)
@@ -50,6 +53,9 @@ class NetsConfig:
     gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or "
                                  "one for the whole image", GAUSSIAN_SCALES)
     logistic_mixtures: int = option(5, "mixture components of --likelihood discretized-logistic")
+    guide: str = option("diagonal", "q(z | x): the encoder's diagonal Gaussian, or that Gaussian through "
+                        "--flow-length amortized transforms (planar, radial, iaf, sylvester)", GUIDES)
+    flow_length: int = option(10, "transforms of a flow --guide")
 
     def likelihood_config(self) -> LikelihoodConfig:
         return LikelihoodConfig(gaussian_scale=self.gaussian_scale, logistic_mixtures=self.logistic_mixtures)
@@ -62,6 +68,8 @@ def check_nets_config(config: Any) -> None:
         raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
     if config.logistic_mixtures < 1:
         raise ConfigError(f"--logistic-mixtures must be at least 1, got {config.logistic_mixtures}")
+    if config.flow_length < 1:
+        raise ConfigError(f"--flow-length must be at least 1, got {config.flow_length}")
 
 
 class Family(PyroModule):

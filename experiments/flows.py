@@ -105,6 +105,7 @@ def write(out: Path, order: list[str]) -> list[Path]:
         r = rows[0]
         lines.append(f"\n{r['epochs']} epochs each; {r['test_images']} test images; ± one standard error over "
                      "images (the gap's paired).")
+    lines += validation_table(out, names)
     (out / "flows.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(13, 4), layout="constrained")
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
@@ -127,6 +128,24 @@ def write(out: Path, order: list[str]) -> list[Path]:
     axes[1].grid(alpha=0.3)
     fig.savefig(out / "flows.png", dpi=100)
     return [out / "flows.json", out / "flows.md", out / "flows.png"]
+
+
+def validation_table(out: Path, order: list[str]) -> list[str]:
+    """Markdown lines: the validation ELBO at every epoch of every run in ``out/runs``
+    (``metrics.jsonl``), unfinished ones included, to compare guides at equal epochs."""
+    curves = {}
+    for path in sorted((out / "runs").glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        curves[path.parent.name] = {row["epoch"]: row["valid_bound"] for row in rows}
+    names = [n for n in order if n in curves] + sorted(set(curves) - set(order))
+    epochs = sorted({e for c in curves.values() for e in c})
+    if not epochs:
+        return []
+    lines = ["\nValidation ELBO (2,000 images) after each epoch, every run (unfinished ones too):\n",
+             "| run | " + " | ".join(str(e) for e in epochs) + " |", "| --- |" + " ---: |" * len(epochs)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{curves[n][e]:.2f}" if e in curves[n] else "" for e in epochs) + " |")
+    return lines
 
 
 def posterior_figures(out: Path, train: TrainConfig, model_config: dict[str, Any], data_dir: str | None,

@@ -12,6 +12,7 @@ import pyro
 from .bounds import BoundEstimates, estimate_bounds, log_weights
 from .data import Dataset, load_dataset
 from .errors import PyroVAEError
+from .guides import GUIDES, make_flow
 from .likelihoods import LIKELIHOODS, make_likelihood
 from .models import (GMVAE, IWAE, MODELS, SSVAE, VAE, Family, GMVAEConfig, NetsConfig, SSVAEConfig, VAEConfig,
                      build_model)
@@ -24,8 +25,8 @@ pyro.settings.set(module_local_params=True)
 __version__ = "0.1.0"
 __all__ = [
     "BoundEstimates", "build_model", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
-    "GMVAE", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "load_run", "log_weights",
-    "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
+    "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "load_run", "log_weights",
+    "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
     "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
     "VAEConfig",
 ]

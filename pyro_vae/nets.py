@@ -102,8 +102,15 @@ class GaussianEncoder(nn.Module):
         self.scale = nn.Linear(body.out_dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale, _ = self.with_features(x, cond)
+        return loc, scale
+
+    def with_features(self, x: torch.Tensor, cond: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Location, scale and the body's features h (``body.out_dim`` values), from which
+        a flow guide computes its transforms."""
         h = self.body(x, cond)
-        return self.loc(h), F.softplus(self.scale(h)) + 1e-6
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-6, h
 
 
 CONV_CHANNELS = (32, 64)  # channels of the first two stages; later stages keep the last

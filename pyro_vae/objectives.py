@@ -109,6 +109,8 @@ class ObjectiveSpec:
     uses_alpha: bool = False
     allows_kl_weight: bool = True  # False for single importance-weighted bounds
     needs_reparameterized_guide: bool = False
+    flow_refusal: str = ""  # why a flow guide (``--guide`` other than diagonal) cannot be used
+    flow_alternative: str | None = None  # the objective to use instead, then
 
     def check(self, particles: int, alpha: float, beta: float, kl_warmup: float) -> None:
         """Refuse settings that this objective cannot use, naming the option."""
@@ -123,6 +125,17 @@ class ObjectiveSpec:
                 "would make it bound nothing, so {beta} and {kl_warmup} cannot be used with it",
                 objective=Flag("objective", self.name), beta=Flag("beta"), kl_warmup=Flag("kl_warmup"))
 
+    def check_guide(self, guide: str) -> None:
+        """Refuse a flow guide this objective cannot use, with the reason and what to use."""
+        if guide != "diagonal" and self.flow_refusal:
+            instead = f"; use --objective {self.flow_alternative}" if self.flow_alternative else ""
+            raise ConfigError(f"--objective {self.name} cannot train --guide {guide}: {self.flow_refusal}{instead}")
+
+    def for_guide(self, guide: str) -> str:
+        """This objective's name, or the one that stands in for it with a flow guide (the
+        default objective of a family, when a flow replaces its Gaussian guide)."""
+        return self.flow_alternative if guide != "diagonal" and self.flow_refusal else self.name
+
 
 def _elbo(cls: type) -> Callable[[int, float], ELBO]:
     # max_plate_nesting=1: every model keeps its latents inside one "data" plate
@@ -131,7 +144,10 @@ def _elbo(cls: type) -> Callable[[int, float], ELBO]:
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("meanfield", "TraceMeanField_ELBO: the ELBO with the analytic KL where one is registered",
-                  _elbo(TraceMeanField_ELBO)),
+                  _elbo(TraceMeanField_ELBO),
+                  flow_refusal="a flow has no analytic KL to the prior, and TraceMeanField_ELBO would silently "
+                               "estimate it by Monte Carlo, which is the trace objective",
+                  flow_alternative="trace"),
     ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO)),
     ObjectiveSpec("enum", "TraceEnum_ELBO: sites marked for parallel enumeration summed out exactly",
                   _elbo(TraceEnum_ELBO)),
@@ -141,7 +157,11 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
                   lambda k, alpha: RenyiObjective(k, alpha), uses_alpha=True, allows_kl_weight=False),
     ObjectiveSpec("dreg", "the iwae bound with doubly reparameterized gradients for the guide",
                   lambda k, alpha: DReGObjective(k), allows_kl_weight=False,
-                  needs_reparameterized_guide=True),
+                  needs_reparameterized_guide=True,
+                  flow_refusal="its guide gradient needs log q(z | x) with every parameter of the guide stopped as "
+                               "a function of z, which for a flow goes through the flow's inverse, and planar, "
+                               "radial and Sylvester flows have none (not implemented for iaf either)",
+                  flow_alternative="iwae"),
 )}
 
 

@@ -225,8 +225,9 @@ def fit(
     family_config = config_from_dict(cls.Config, model_config or {})
     model_config = dataclasses.asdict(family_config)
     train = train or TrainConfig()
-    if train.objective is None:
-        train = dataclasses.replace(train, objective=cls.default_objective)
+    if train.objective is None:  # a flow guide trains on trace where the family's default is meanfield
+        train = dataclasses.replace(train, objective=objective_spec(cls.default_objective).for_guide(
+            family_config.guide))
     if train.particles is None:
         train = dataclasses.replace(train, particles=cls.default_particles)
     if train.binarize is None and family_config.likelihood != "bernoulli":
@@ -238,6 +239,7 @@ def fit(
                if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
         raise ConfigError(f"{model_name} cannot be trained with {{objective}}{why}; "
                           f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
+    objective_spec(train.objective).check_guide(family_config.guide)
     world = current_world()
     _check_shares(world, train.batch_size)
     run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -161,3 +161,21 @@ def test_model_space_quick(tmp_path):
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert len(json.loads((tmp_path / "steps.json").read_text())) == 6
+
+
+def test_flows_quick(tmp_path):
+    script = load_script("flows")
+    result = CliRunner().invoke(script.main, ["--quick", "--out", str(tmp_path), "--configs",
+                                              "diagonal,planar-2,sylvester-2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "flows.json").read_text())
+    assert [r["name"] for r in records] == ["diagonal", "planar-2", "sylvester-2"]
+    for r in records:
+        assert r["test_elbo"]["mean"] <= r["test_log_px"]["mean"]
+        assert r["gap"]["mean"] == pytest.approx(r["test_log_px"]["mean"] - r["test_elbo"]["mean"], abs=1e-4)
+        assert r["step_ms"] > 0 and [h["epoch"] for h in r["history"]] == [1, 2]
+        assert r["paper_nll"] is None  # the paper's column is for binarized MNIST only
+    assert [r["objective"] for r in records] == ["meanfield", "trace", "trace"]
+    assert records[0]["flow_parameters"] == 0 < records[1]["flow_parameters"]
+    assert "| planar, K = 2 | trace |" in (tmp_path / "flows.md").read_text()
+    assert (tmp_path / "flows.png").stat().st_size > 0

@@ -14,8 +14,9 @@ vectors) from its config dataclass. It declares:
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the SSVAE overrides the batches and the loss, the GMVAE the figures).
 
-The networks and the likelihood come from their registries (``nets.ENCODERS``,
-``nets.DECODERS``, ``likelihoods.LIKELIHOODS``) by the names in ``NetsConfig``.
+The networks, the likelihood and the guide come from their registries (``nets.ENCODERS``,
+``nets.DECODERS``, ``likelihoods.LIKELIHOODS``, ``guides.GUIDES``) by the names in
+``NetsConfig``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pyro.nn import PyroModule
 from ..config import check_choices, option
 from ..data import Dataset
 from ..errors import ConfigError
+from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
 
@@ -42,13 +44,17 @@ Shape = tuple[int, ...]
 
 @dataclass
 class NetsConfig(LikelihoodConfig):
-    """The parts every family is assembled from: networks and the pixel likelihood (whose
-    own settings, ``gaussian_scale`` and ``logistic_mixtures``, come from ``LikelihoodConfig``)."""
+    """The parts every family is assembled from: networks, the pixel likelihood (whose
+    own settings, ``gaussian_scale`` and ``logistic_mixtures``, come from ``LikelihoodConfig``), and the family of q(z | x):
+    a diagonal Gaussian, or a flow of it."""
 
     encoder: str = option("mlp", "encoder network", ENCODERS)
     decoder: str = option("mlp", "decoder network", DECODERS)
     likelihood: str = option("bernoulli", "p(x | z) of each pixel: bernoulli for 0/1 data; continuous-bernoulli, "
                              "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
+    guide: str = option("diagonal", "q(z | x): the encoder's diagonal Gaussian, or that Gaussian through "
+                        "--flow-length amortized transforms (planar, radial, iaf, sylvester)", GUIDES)
+    flow_length: int = option(10, "transforms of a flow --guide")
 
     def likelihood_config(self) -> LikelihoodConfig:
         return LikelihoodConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LikelihoodConfig)})
@@ -60,6 +66,8 @@ def check_nets_config(config: Any) -> None:
     config.likelihood_config().check()
     if getattr(config, "z_dim", 1) < 1:
         raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
+    if config.flow_length < 1:
+        raise ConfigError(f"--flow-length must be at least 1, got {config.flow_length}")
 
 
 class Family(PyroModule):

@@ -1,7 +1,7 @@
 """The VAE with a learned Gaussian-mixture prior, its component summed out exactly.
 
     y ~ Categorical(pi),   z | y ~ N(mu_y, diag sigma_y^2),   x | z ~ p(x | decoder(z))
-    q(z | x) = N(mu(x), diag sigma(x)^2)                       (the VAE's guide)
+    q(z | x) = N(mu(x), diag sigma(x)^2), or a flow of it      (the VAE's guide)
 
 The component y is a discrete latent of the model only, marked for parallel enumeration:
 ``TraceEnum_ELBO`` replaces it by the exact sum log p(z) = logsumexp_y [log pi_y + log N(z;
@@ -186,11 +186,9 @@ class GMVAE(VAE):
         with ``num_samples`` draws from q(z | x): proportional to
         sum_k p(x | z_k) pi_y N(z_k; mu_y, sigma_y) / q(z_k | x). Consistent as the number
         of draws grows, exact in y for every draw."""
-        loc, scale = self.encoder(x)
-        q = dist.Normal(loc, scale)
+        q = self.posterior(x)
         z = q.sample((num_samples,))
-        log_lik = self.decode(z).log_prob(x)
-        log_w = log_lik - q.log_prob(z).sum(-1)
+        log_w = self.decode(z).log_prob(x) - q.log_prob(z)  # scored at once: a flow's cached draw
         scores = torch.logsumexp(log_w.unsqueeze(-1) + self.mixture.log_joint(z), 0)
         return torch.softmax(scores, -1)
 

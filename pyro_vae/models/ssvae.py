@@ -3,6 +3,9 @@
     y ~ Categorical(uniform),   z ~ N(0, I),   x | y, z ~ p(x | decoder(z, onehot(y)))
     q(y | x) = Categorical(classifier(x)),   q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
 
+(q(z | x, y) through a flow's transforms, conditioned on the same features of (x, y),
+with a flow ``--guide``).
+
 For a labelled image, y is passed in and observed in the model (the guide does not sample
 it). For an unlabelled one, the guide marks y for parallel enumeration, so
 ``TraceEnum_ELBO`` gives sum_y q(y|x) [ELBO(x, y)] + H(q(y|x)) exactly, with one draw of z
@@ -37,6 +40,7 @@ from .. import plots
 from ..data import Dataset, balanced_subset, read_rows
 from ..errors import ConfigError, DataError
 from ..config import option
+from ..guides import make_flow
 from ..nets import ACTIVATIONS, GaussianEncoder, cat_last, make_classifier, make_encoder
 from .base import Family, NetsConfig, Shape
 
@@ -92,6 +96,7 @@ class SSVAE(Family):
         self.encoder = GaussianEncoder(make_encoder(config.encoder, self.image_shape, self.x_dim, config.hidden,
                                                     config.activation, cond_dim=config.classes), config.z_dim)
         self._likelihood_and_decoder(config.z_dim + config.classes, tuple(reversed(config.hidden)))
+        self.flow = make_flow(config.guide, self.encoder.body.out_dim, config.z_dim, config.flow_length)
         # which training images are labelled: chosen by init_from_data, saved with the weights
         self.register_buffer("labelled", torch.zeros(config.labels, dtype=torch.long))
 
@@ -114,9 +119,9 @@ class SSVAE(Family):
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
-            loc, scale = self.encoder(x, self._onehot(y))
+            loc, scale, h = self.encoder.with_features(x, self._onehot(y))
             with poutine.scale(scale=kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
 
     # --- training: labelled and unlabelled batches side by side --------------------------
 
@@ -218,11 +223,13 @@ class SSVAE(Family):
     def _posterior_components(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x, y) for every label y at once: batch shape (batch, classes)."""
         labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
-        loc, scale = self.encoder(x, self._onehot(labels))  # (classes, batch, z_dim)
-        return dist.Normal(loc.transpose(0, 1), scale.transpose(0, 1)).to_event(1)
+        loc, scale, h = (t.transpose(0, 1) for t in self.encoder.with_features(x, self._onehot(labels)))
+        return self.flow.distribution(dist.Normal(loc, scale).to_event(1), h)  # (batch, classes)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x) = sum_y q(y | x) q(z | x, y): the guide's marginal over z, a mixture."""
+        """q(z | x) = sum_y q(y | x) q(z | x, y): the guide's marginal over z, a mixture
+        (whose log-density needs the components' inverses: none for a planar, radial or
+        Sylvester flow, so with those it can be sampled but not scored)."""
         return dist.MixtureSameFamily(dist.Categorical(logits=self.classifier(x)),
                                       self._posterior_components(x))
 
@@ -260,7 +267,8 @@ class SSVAE(Family):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the mean of q(z | x, y) at the classifier's label."""
         y = self.classify(x).argmax(-1)
-        return self.decode_mean(self.encoder(x, self._onehot(y))[0], y)
+        loc, _, h = self.encoder.with_features(x, self._onehot(y))
+        return self.decode_mean(self.flow.push(loc, h), y)
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:

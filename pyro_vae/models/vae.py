@@ -2,6 +2,9 @@
 
     z ~ N(0, I),   x | z ~ p(x | decoder(z)),   q(z | x) = N(mu(x), diag sigma(x)^2)
 
+or, with a flow ``--guide``, that Gaussian pushed through amortized transforms
+(``guides``), the guide's site then carrying the log-determinants in its log-density.
+
 p(x | .) is the configured likelihood (Bernoulli by default); the encoder and decoder
 are the configured networks (fully connected by default). Everything lives inside one
 ``pyro.plate("data")`` so that per-datapoint bounds (and RenyiELBO's particle weights)
@@ -23,6 +26,7 @@ from pyro import poutine
 
 from .. import plots
 from ..config import option
+from ..guides import make_flow
 from ..nets import ACTIVATIONS, GaussianEncoder, make_encoder
 from .base import Family, NetsConfig, Shape
 
@@ -38,7 +42,8 @@ class VAEConfig(NetsConfig):
 
 
 class VAE(Family):
-    """Standard-normal prior, diagonal Gaussian guide, the configured networks and likelihood."""
+    """Standard-normal prior, the configured guide (diagonal Gaussian by default), networks
+    and likelihood."""
 
     Config = VAEConfig
     default_objective = "meanfield"
@@ -50,6 +55,8 @@ class VAE(Family):
         self.encoder = GaussianEncoder(
             make_encoder(c.encoder, self.image_shape, self.x_dim, c.hidden, c.activation), c.z_dim)
         self._likelihood_and_decoder(c.z_dim, tuple(reversed(c.hidden)))
+        # last, so that a flow leaves the networks' initial weights as the diagonal guide's
+        self.flow = make_flow(c.guide, self.encoder.body.out_dim, c.z_dim, c.flow_length)
 
     def prior(self, batch: int) -> dist.Distribution:
         """p(z) for ``batch`` datapoints, batch shape (batch,), event shape (z_dim,)."""
@@ -64,9 +71,10 @@ class VAE(Family):
             pyro.sample("x", self.decode(z), obs=x)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x) = N(mu(x), diag sigma(x)^2)."""
-        loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale).to_event(1)
+        """q(z | x): N(mu(x), diag sigma(x)^2), through the flow's transforms if any (then
+        a ``TransformedDistribution`` that can score only values it has just drawn)."""
+        loc, scale, h = self.encoder.with_features(x)
+        return self.flow.distribution(dist.Normal(loc, scale).to_event(1), h)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """Amortized posterior q(z | x)."""
@@ -77,7 +85,7 @@ class VAE(Family):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale of q(z | x)."""
+        """Location and scale of q(z | x) (of its base Gaussian, for a flow guide)."""
         return self.encoder(x)
 
     @torch.no_grad()
@@ -88,16 +96,22 @@ class VAE(Family):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the posterior mean of each input: the usual reconstruction picture."""
-        return self.decode_mean(self.encode(x)[0])
+        """Decode the posterior mean of each input (for a flow, the image of the base's
+        mean under the transforms): the usual reconstruction picture."""
+        loc, _, h = self.encoder.with_features(x)
+        return self.decode_mean(self.flow.push(loc, h))
 
     def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
                 directory: Path) -> list[Path]:
-        """Interpolations between posterior means, and the latent manifold when z has two
-        dimensions."""
+        """Interpolations between posterior means; when z has two dimensions the latent
+        manifold and, with a flow guide, q(z | x) beside the true posterior for four images."""
         written = [plots.latent_interpolation(self, x, image_shape, directory / "interpolation.png")]
         if self.config.z_dim == 2:
             written.append(plots.latent_manifold(self, image_shape, directory / "manifold.png"))
+            if self.config.guide != "diagonal":
+                written.append(plots.posterior_pictures(
+                    self, x[:4], image_shape, directory / "posteriors.png",
+                    title=f"{self.config.guide} guide, K = {self.config.flow_length}"))
         return written
 
 

@@ -153,7 +153,11 @@ def test_log_px_of_a_2d_model_with_a_flow_guide_matches_a_grid_integral():
         est = estimate_bounds(model.model, model.guide, x, 4000)
     assert (est.k_hat < 0.7).all(), est.k_hat
     z_scores = (est.log_px - exact) / est.log_px_se
-    assert (z_scores.abs() < 3).all(), (est.log_px, exact, z_scores)
+    # the mean over the images within 3 s.e.; each image within 3.5 (a family-wise false
+    # alarm below 0.3% over the five)
+    mean_z = (est.log_px - exact).sum() / est.log_px_se.pow(2).sum().sqrt()
+    assert abs(mean_z) < 3, mean_z
+    assert (z_scores.abs() < 3.5).all(), (est.log_px, exact, z_scores)
     assert (est.elbo < exact).all()
 
 

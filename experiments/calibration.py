@@ -36,7 +36,6 @@ from typing import Any, Callable
 import click
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from matplotlib.figure import Figure
 
@@ -44,6 +43,7 @@ from pyro_vae import TrainConfig, estimate_bounds, fit, load_run
 from pyro_vae.bounds import BoundEstimates
 from pyro_vae.data import toy_binary_images
 from pyro_vae.diagnostics import K_HAT_UNRELIABLE
+from pyro_vae.exact import linear_gaussian
 from pyro_vae.evaluation import split_data
 
 NOMINAL = {"1": 0.6827, "2": 0.9545}
@@ -192,29 +192,9 @@ def figure(record: dict[str, Any], title: str, path: Path) -> Path:
 def exact_model(num_points: int, width: float, seed: int = 1):
     """The tests' linear-Gaussian model (D = 5, d = 2), exact posterior mean, guide sd =
     ``width`` times the posterior's marginal sd; returns model, guide, data, log p(x), k."""
-    D, d = 5, 2
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(D, d, generator=g)
-    mu = torch.randn(D, generator=g)
-    s = 0.7
-    cov = torch.linalg.inv(torch.eye(d) + W.T @ W / s**2)
-    A = cov @ W.T / s**2
-    sd = cov.diagonal().sqrt() * width
-    S = torch.diag(sd)
-    k_true = torch.linalg.eigvalsh(torch.eye(d) - S @ torch.linalg.inv(cov) @ S).max().item()
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], d), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ W.T + mu, s).to_event(1), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal((x - mu) @ A.T, sd).to_event(1))
-
-    marginal = dist.MultivariateNormal(mu, W @ W.T + s**2 * torch.eye(D))
-    x = marginal.sample(torch.Size([num_points]))
-    return model, guide, x, marginal.log_prob(x), k_true
+    lg = linear_gaussian(seed, width)
+    x = lg.marginal.sample(torch.Size([num_points]))
+    return lg.model, lg.guide, x, lg.marginal.log_prob(x), lg.k
 
 
 def quick_runs(folder: Path) -> list[str]:

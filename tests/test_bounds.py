@@ -17,6 +17,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_vae import VAE, VAEConfig, estimate_bounds, log_weights
+from pyro_vae.exact import linear_gaussian
 from pyro_vae.keyed import DrawKeys
 from pyro_vae.bounds import sweep_for
 from pyro_vae.diagnostics import delta_method_se, jackknife, log_mean_exp_se, pareto_k
@@ -27,27 +28,11 @@ D, d = 5, 2
 @pytest.fixture
 def ppca():
     """Linear-Gaussian model with a deliberately imperfect diagonal Gaussian guide."""
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(D, d, generator=g)
-    mu = torch.randn(D, generator=g)
-    s = 0.7
-    # exact posterior: cov = (I + W^T W / s^2)^-1, mean = cov W^T (x - mu) / s^2
-    cov = torch.linalg.inv(torch.eye(d) + W.T @ W / s**2)
-    A = cov @ W.T / s**2
-    A_guide = A * 0.8  # wrong on purpose: the bounds must then be strictly ordered
-    sd_guide = cov.diagonal().sqrt() * 1.3
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], d), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ W.T + mu, s).to_event(1), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal((x - mu) @ A_guide.T, sd_guide).to_event(1))
-
-    x = dist.MultivariateNormal(mu, W @ W.T + s**2 * torch.eye(D)).sample((20,))
-    log_px = dist.MultivariateNormal(mu, W @ W.T + s**2 * torch.eye(D)).log_prob(x)
+    lg = linear_gaussian(seed=1, width=1.3, shrink=0.8)  # wrong on purpose: the bounds must be strictly ordered
+    model, guide, W, mu, s = lg.model, lg.guide, lg.W, lg.mu, lg.s
+    A_guide, sd_guide = lg.guide_matrix, lg.guide_sd
+    x = lg.marginal.sample((20,))
+    log_px = lg.marginal.log_prob(x)
     # the ELBO of a Gaussian guide is analytic here
     m = (x - mu) @ A_guide.T
     S = sd_guide**2
@@ -215,27 +200,8 @@ def narrow_ppca():
     wide as the posterior's marginals: the weights' tail is Pareto with shape k = the
     largest eigenvalue of I - S^1/2 Sigma^-1 S^1/2 (S the guide's, Sigma the posterior's
     covariance), here 0.50, so their variance is only just finite."""
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(D, d, generator=g)
-    mu = torch.randn(D, generator=g)
-    s = 0.7
-    cov = torch.linalg.inv(torch.eye(d) + W.T @ W / s**2)
-    A = cov @ W.T / s**2
-    sd_guide = cov.diagonal().sqrt() * 0.75
-    S = torch.diag(sd_guide)
-    k_true = torch.linalg.eigvalsh(torch.eye(d) - S @ torch.linalg.inv(cov) @ S).max().item()
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], d), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ W.T + mu, s).to_event(1), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal((x - mu) @ A.T, sd_guide).to_event(1))
-
-    marginal = dist.MultivariateNormal(mu, W @ W.T + s**2 * torch.eye(D))
-    return model, guide, marginal, k_true
+    lg = linear_gaussian(seed=1, width=0.75)
+    return lg.model, lg.guide, lg.marginal, lg.k
 
 
 def test_tail_aware_se_covers_the_truth_where_the_delta_method_does_not(narrow_ppca):

@@ -115,6 +115,15 @@ class Dataset:
             )
         return _to_float(self.splits[name])
 
+    def split_chunks(self, name: str, rows: int = 10_000) -> Iterator[torch.Tensor]:
+        """One split as float32 chunks of ``rows`` items, for checks that read a whole split
+        without making a float copy of an 8-bit one (CelebA's would take 8 GB)."""
+        if name not in self.splits:
+            self.split(name)  # the one-line error naming the splits there are
+        x = self.splits[name]
+        for i in range(0, x.shape[0], rows):
+            yield _to_float(x[i : i + rows])
+
     def pixel_mean(self, name: str = "train") -> torch.Tensor:
         """The mean image of a split, (D,) float32; uint8 splits are summed in chunks so
         that no float copy of a large split is made."""

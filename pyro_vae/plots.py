@@ -45,6 +45,14 @@ def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: 
     return out
 
 
+def _show(ax: Any, grid: np.ndarray) -> None:
+    """Draw a mosaic: grey images dark on light, colour images in their own colours."""
+    if grid.ndim == 3:
+        ax.imshow(np.clip(grid, 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+
+
 def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
                title: str = "", ncol: int | None = None) -> Path:
     """Save images (n, C*H*W) with values in [0, 1] as one grid: grey images dark on light
@@ -53,10 +61,7 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
     grid = mosaic(images, image_shape, ncol)
     fig = Figure(figsize=(grid.shape[1] / 40 + 0.5, grid.shape[0] / 40 + 0.7))
     ax = fig.add_subplot()
-    if grid.ndim == 3:
-        ax.imshow(np.clip(grid, 0, 1), interpolation="nearest")
-    else:
-        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, grid)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
@@ -117,10 +122,7 @@ def latent_manifold(model: Any, image_shape: Sequence[int], path: Path, n: int =
     grid = mosaic(images, image_shape, n)
     fig = Figure(figsize=(grid.shape[1] / 40 + 1.2, grid.shape[0] / 40 + 1.2))
     ax = fig.add_subplot()
-    if grid.ndim == 3:
-        ax.imshow(np.clip(grid, 0, 1), interpolation="nearest")
-    else:
-        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, grid)
     _, h, w = as_chw(image_shape)
     every = max(1, n // 5)
     cells = list(range(0, n, every))

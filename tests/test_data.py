@@ -402,3 +402,13 @@ def test_npz_splits_must_agree_on_the_image_shape(tmp_path):
     np.savez(tmp_path / "d.npz", train=np.zeros((5, 3, 4, 4), np.uint8), test=np.zeros((5, 12, 4), np.uint8))
     with pytest.raises(DataError, match="different shapes"):
         load_dataset(str(tmp_path / "d.npz"))
+
+
+def test_split_chunks_read_a_uint8_split_as_its_floats():
+    x = torch.randint(0, 256, (25, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = Dataset(name="eight", splits={"train": x}, binarize="none", image_shape=(1, 4, 4))
+    chunks = list(ds.split_chunks("train", rows=7))
+    assert [len(c) for c in chunks] == [7, 7, 7, 4] and all(c.dtype == torch.float32 for c in chunks)
+    assert torch.equal(torch.cat(chunks), ds.split("train")) and torch.equal(ds.split("train") * 255, x.float())
+    with pytest.raises(DataError, match="no 'test' split"):
+        next(ds.split_chunks("test"))

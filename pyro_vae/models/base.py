@@ -154,7 +154,8 @@ class Family(PyroModule):
             raise ConfigError(f"{data.name} has {data.x_dim} values per item; this model was built for {self.x_dim}")
         if data.binarize == "none":
             for name in data.splits:
-                self.likelihood.check_support(data.split(name), f"the {name} split of {data.name}")
+                for x in data.split_chunks(name):
+                    self.likelihood.check_support(x, f"the {name} split of {data.name}")
 
     def init_from_data(self, data: Dataset, seed: int) -> None:
         """Data-dependent initialisation before training: the decoder's output bias from

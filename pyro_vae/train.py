@@ -230,8 +230,6 @@ def fit(
             family_config.guide))
     if train.particles is None:
         train = dataclasses.replace(train, particles=cls.default_particles)
-    if train.binarize is None and family_config.likelihood != "bernoulli":
-        train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
     train.check()
     if train.objective not in cls.objectives:
         spec = objective_spec(train.objective)
@@ -250,6 +248,11 @@ def fit(
     dev = world.device(resolve_device(device))
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
+    family_config = cls.prepare(family_config, train, run_dir, data_dir=data_dir, device=device,
+                                download=download, log=log, progress=progress)
+    model_config = dataclasses.asdict(family_config)
+    if train.binarize is None and family_config.likelihood != "bernoulli":
+        train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
     data = world.main_first(lambda: train.load_data(data_dir, download))
     if data.note and log and world.main:
         log(data.note)

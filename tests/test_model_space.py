@@ -21,7 +21,9 @@ from test_cli import assert_clean_error, invoke
 
 SHAPE = (1, 8, 8)
 NETS = {"z_dim": 3, "hidden": (24,), "activation": "tanh"}
-FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4}}
+FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
+          # the network, likelihood and guide options describe M1 (untrained here, and frozen)
+          "m1m2": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "m1_z_dim": 4, "m1_hidden": (24,)}}
 
 
 def toy_images(n: int, shape=SHAPE, seed: int = 0, binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,8 +126,11 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
 PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective in cls.objectives]
 
 
-# small networks for the tiny 8x8 data; the SSVAE with its four classes and two labels each
-SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8}}
+# small networks for the tiny 8x8 data; the SSVAE and M1+M2 with four classes and two labels each
+# (M1+M2 trains its small M1 for two epochs first)
+SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8},
+                 "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
+                          "m1_hidden": (16,), "m1_epochs": 2}}
 
 
 @pytest.mark.parametrize("model_name,objective", PAIRS)

@@ -146,6 +146,13 @@ class Family(PyroModule):
 
     # --- hooks of the training loop ------------------------------------------------------
 
+    @classmethod
+    def prepare(cls, config: Any, train: Any, run_dir: Path, **runtime: Any) -> Any:
+        """Complete the family's config before the model is built, once ``run_dir`` is
+        known to be free: M1+M2 trains or reads its M1 here. ``runtime`` holds ``fit``'s
+        data_dir, device, download, log and progress. The default returns ``config``."""
+        return config
+
     def check_data(self, data: Dataset, seed: int) -> None:
         """Refuse data this family cannot train on, before the run directory is made: the
         data's shape must be the model's, and what the decoder sees must lie in the

@@ -73,60 +73,45 @@ class SSVAEConfig(NetsConfig):
                                        "instead of a class-balanced draw by --seed; --labels must be their number")
 
 
-class SSVAE(Family):
-    """Semi-supervised VAE (M2): the label observed where known, enumerated where not."""
+class SemiSupervised(Family):
+    """What the semi-supervised families share: a class label y, known for a labelled
+    subset of the training split (drawn class-balanced by the seed, or listed in a file)
+    and enumerated for the rest; the batches that pair unlabelled with labelled images;
+    the loss with the classifier's auxiliary term; the classifier's scores and figures.
+    A subclass supplies the networks, the Pyro pair, ``class_logits(x)`` (q(y | x) before
+    the softmax) and the read-outs ``encode``, ``decode`` and ``decode_mean`` with a label."""
 
-    Config = SSVAEConfig
     default_objective = "enum"
     objectives = ("enum",)
     has_classes = True
     enumerates_in_guide = True
 
-    def __init__(self, shape: Shape | int, config: SSVAEConfig | None = None):
-        super().__init__(shape, config or SSVAEConfig())
-        config = self.config
+    def __init__(self, shape: Shape | int, config: SSVAEConfig):
+        super().__init__(shape, config)
         if config.classes < 2:
             raise ConfigError(f"--classes must be at least 2, got {config.classes}")
         if config.labels < config.classes:
             raise ConfigError(f"--labels must be at least --classes ({config.classes}), got {config.labels}")
         if config.aux_weight < 0:
             raise ConfigError(f"--aux-weight must be non-negative, got {config.aux_weight}")
-        self.classifier = make_classifier(config.encoder, self.image_shape, self.x_dim,
-                                          config.classifier_hidden, config.activation, config.classes)
-        self.encoder = GaussianEncoder(make_encoder(config.encoder, self.image_shape, self.x_dim, config.hidden,
-                                                    config.activation, cond_dim=config.classes), config.z_dim)
-        self._likelihood_and_decoder(config.z_dim + config.classes, tuple(reversed(config.hidden)))
-        self.flow = make_flow(config.guide, self.encoder.body.out_dim, config.z_dim, config.flow_length)
+
+    def _register_labelled(self) -> None:
         # which training images are labelled: chosen by init_from_data, saved with the weights
-        self.register_buffer("labelled", torch.zeros(config.labels, dtype=torch.long))
+        self.register_buffer("labelled", torch.zeros(self.config.labels, dtype=torch.long))
 
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.config.classes).float()
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
-        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
-        batch = x.shape[0]
-        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
-        with pyro.plate("data", batch):
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
-            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
-            pyro.sample("x", self.decode(z, y), obs=x)
-
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
-        """q(y | x) (enumerated when y is not given) and q(z | x, y)."""
-        with pyro.plate("data", x.shape[0]):
-            if y is None:
-                y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
-                                infer={"enumerate": "parallel"})
-            loc, scale, h = self.encoder.with_features(x, self._onehot(y))
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of q(y | x), (batch, classes)."""
+        raise NotImplementedError
 
     # --- training: labelled and unlabelled batches side by side --------------------------
 
     def check_data(self, data: Dataset, seed: int) -> None:
-        """Labels must exist, fit in ``classes``, and allow a balanced labelled subset."""
+        """The data must suit the networks and the likelihood (``Family.check_data``); labels
+        must exist, fit in ``classes``, and allow a balanced labelled subset."""
+        super().check_data(data, seed)
         if "train" not in data.labels:
             raise DataError(f"{data.name} has no class labels; the SSVAE needs them (use mnist, or an "
                             ".npz with train_labels)")
@@ -195,14 +180,14 @@ class SSVAE(Family):
         with warnings.catch_warnings():  # a labelled batch has nothing to enumerate, by design
             warnings.filterwarnings("ignore", message=".*found no sample sites configured for enumeration")
             loss = loss + share * objective.differentiable_loss(self.model, self.guide, x_l, y_l, kl_weight=kl_weight)
-        return loss + self.config.aux_weight * F.cross_entropy(self.classifier(x_l), y_l, reduction="sum")
+        return loss + self.config.aux_weight * F.cross_entropy(self.class_logits(x_l), y_l, reduction="sum")
 
     # --- read-outs ------------------------------------------------------------------------
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """q(y | x): class probabilities, shape (batch, classes)."""
-        return torch.softmax(self.classifier(x), -1)
+        return torch.softmax(self.class_logits(x), -1)
 
     def metrics(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         """Accuracy, error and expected calibration error of q(y | x), with the reliability bins."""
@@ -210,6 +195,80 @@ class SSVAE(Family):
             return {}
         probs = torch.cat([self.classify(x[i : i + 1000]) for i in range(0, len(x), 1000)])
         return calibration(probs, labels.to(probs.device))
+
+    @torch.no_grad()
+    def sample_by_class(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` samples of each class, rows = classes, the same n draws of z in every row
+        (so a column shows one style across the classes): shape (classes * n, D); the
+        likelihood's means, or draws from it if ``draw``."""
+        z = torch.randn(n, self.config.z_dim, device=self.device).repeat(self.config.classes, 1)
+        y = torch.arange(self.config.classes, device=self.device).repeat_interleave(n)
+        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
+
+    @torch.no_grad()
+    def style_transfer(self, x: torch.Tensor) -> torch.Tensor:
+        """Each input beside its style decoded with every label: z is the mean of
+        q(z | x, y) at the classifier's label. Shape (batch * (1 + classes), D)."""
+        z = self.encode(x)[0]
+        classes = torch.arange(self.config.classes, device=x.device)
+        decoded = self.decode_mean(z.repeat_interleave(self.config.classes, 0), classes.repeat(len(x)))
+        return torch.cat([x.unsqueeze(1), decoded.view(len(x), self.config.classes, -1)], 1).flatten(0, 1)
+
+    def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
+                directory: Path) -> list[Path]:
+        """Samples by class, style transfer and (with labels) the reliability diagram."""
+        written = [
+            plots.image_grid(self.sample_by_class(10), image_shape, directory / "samples-by-class.png",
+                             title="samples by class (rows), one z per column", ncol=10),
+            plots.image_grid(self.style_transfer(x[:10]), image_shape, directory / "style-transfer.png",
+                             title="input, then its z decoded with each label", ncol=1 + self.config.classes),
+        ]
+        if labels is not None:
+            scores = self.metrics(x, labels)
+            written.append(plots.reliability_diagram(scores["calibration"], directory / "reliability.png",
+                                                     title=f"validation: accuracy {scores['accuracy']:.4f}, "
+                                                           f"ECE {scores['ece']:.4f}"))
+        return written
+
+
+class SSVAE(SemiSupervised):
+    """Semi-supervised VAE (M2): the label observed where known, enumerated where not."""
+
+    Config = SSVAEConfig
+
+    def __init__(self, shape: Shape | int, config: SSVAEConfig | None = None):
+        super().__init__(shape, config or SSVAEConfig())
+        config = self.config
+        self.classifier = make_classifier(config.encoder, self.image_shape, self.x_dim,
+                                          config.classifier_hidden, config.activation, config.classes)
+        self.encoder = GaussianEncoder(make_encoder(config.encoder, self.image_shape, self.x_dim, config.hidden,
+                                                    config.activation, cond_dim=config.classes), config.z_dim)
+        self._likelihood_and_decoder(config.z_dim + config.classes, tuple(reversed(config.hidden)))
+        self.flow = make_flow(config.guide, self.encoder.body.out_dim, config.z_dim, config.flow_length)
+        self._register_labelled()
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
+        batch = x.shape[0]
+        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
+        with pyro.plate("data", batch):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
+            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
+            pyro.sample("x", self.decode(z, y), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """q(y | x) (enumerated when y is not given) and q(z | x, y)."""
+        with pyro.plate("data", x.shape[0]):
+            if y is None:
+                y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
+                                infer={"enumerate": "parallel"})
+            loc, scale, h = self.encoder.with_features(x, self._onehot(y))
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
         """p(x | y, z): the decoder sees z beside the one-hot label."""
@@ -246,45 +305,11 @@ class SSVAE(Family):
         return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
 
     @torch.no_grad()
-    def sample_by_class(self, n: int, draw: bool = False) -> torch.Tensor:
-        """``n`` samples of each class, rows = classes, the same n draws of z in every row
-        (so a column shows one style across the classes): shape (classes * n, D); the
-        likelihood's means, or draws from it if ``draw``."""
-        z = torch.randn(n, self.config.z_dim, device=self.device).repeat(self.config.classes, 1)
-        y = torch.arange(self.config.classes, device=self.device).repeat_interleave(n)
-        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
-
-    @torch.no_grad()
-    def style_transfer(self, x: torch.Tensor) -> torch.Tensor:
-        """Each input beside its style decoded with every label: z is the mean of
-        q(z | x, y) at the classifier's label. Shape (batch * (1 + classes), D)."""
-        z = self.encode(x)[0]
-        classes = torch.arange(self.config.classes, device=x.device)
-        decoded = self.decode_mean(z.repeat_interleave(self.config.classes, 0), classes.repeat(len(x)))
-        return torch.cat([x.unsqueeze(1), decoded.view(len(x), self.config.classes, -1)], 1).flatten(0, 1)
-
-    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the mean of q(z | x, y) at the classifier's label."""
         y = self.classify(x).argmax(-1)
         loc, _, h = self.encoder.with_features(x, self._onehot(y))
         return self.decode_mean(self.flow.push(loc, h), y)
-
-    def figures(self, x: torch.Tensor, labels: torch.Tensor | None, image_shape: Any,
-                directory: Path) -> list[Path]:
-        """Samples by class, style transfer and (with labels) the reliability diagram."""
-        written = [
-            plots.image_grid(self.sample_by_class(10), image_shape, directory / "samples-by-class.png",
-                             title="samples by class (rows), one z per column", ncol=10),
-            plots.image_grid(self.style_transfer(x[:10]), image_shape, directory / "style-transfer.png",
-                             title="input, then its z decoded with each label", ncol=1 + self.config.classes),
-        ]
-        if labels is not None:
-            scores = self.metrics(x, labels)
-            written.append(plots.reliability_diagram(scores["calibration"], directory / "reliability.png",
-                                                     title=f"validation: accuracy {scores['accuracy']:.4f}, "
-                                                           f"ECE {scores['ece']:.4f}"))
-        return written
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""M1+M2 (Kingma et al. 2014): the semi-supervised M2 stacked on the latent space of a
+trained VAE (M1), as one Pyro model/guide pair over the images.
+
+    y ~ Categorical(uniform),   z2 ~ N(0, I),   z1 | y, z2 ~ N(mu(z2, y), diag sigma(z2, y)^2),
+    x | z1 ~ p(x | M1's decoder(z1))
+    q(z1 | x) = M1's posterior,   q(y | z1) = Categorical(classifier(z1)),
+    q(z2 | z1, y) = N(mu(z1, y), diag sigma(z1, y)^2)
+
+M1 is a ``vae`` (or ``iwae``) run, trained beforehand; its weights are copied into this
+model and stay frozen while M2 trains (``--train-m1`` trains them on the stacked objective
+too). Because M1's encoder and decoder do not change, the stacked ELBO's gradient is M2's
+ELBO gradient on the features z1 drawn from q(z1 | x) at each step, as in the paper, while
+its value stays a bound on log p(x) of the whole generative model: log p(x | z1) +
+log p(z1 | y, z2) + log p(y) + log p(z2) - log q(z1 | x) - log q(y | z1) - log q(z2 | z1, y),
+with y enumerated where unlabelled. ``--features mean`` trains M2 on the mean of q(z1 | x)
+instead (a point mass in the guide while training, so the training objective is M2's ELBO
+on fixed features plus a constant; what is scored, in evaluation mode, always draws z1
+from q(z1 | x), so every bound reported is a bound). Labels are predicted by q(y | z1) at
+the mean of q(z1 | x).
+
+The labelled subset, the batches and the loss are the SSVAE's (``SemiSupervised``). The
+fields ``encoder``, ``decoder``, ``likelihood``, ``guide`` and ``m1_*`` describe M1: read
+from the ``--m1-run`` given, or used to train M1 first when none is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from ..config import option
+from ..data import Dataset
+from ..errors import ConfigError, DataError, Flag, PyroVAEError
+from ..nets import ACTIVATIONS, GaussianEncoder, make_classifier, make_encoder
+from ..runs import RunDir, load_model_state
+from .base import Shape
+from .ssvae import SemiSupervised, SSVAEConfig
+from .vae import VAE, VAEConfig
+
+FEATURES = ("sample", "mean")
+#: the families whose pair is a VAE's, and so can serve as M1
+M1_FAMILIES = ("vae", "iwae")
+#: M1M2Config fields that describe M1, and the VAEConfig fields they stand for
+M1_FIELDS = {"m1_z_dim": "z_dim", "m1_hidden": "hidden", "m1_activation": "activation", "encoder": "encoder",
+             "decoder": "decoder", "likelihood": "likelihood", "guide": "guide", "flow_length": "flow_length",
+             "gaussian_scale": "gaussian_scale", "logistic_mixtures": "logistic_mixtures"}
+
+
+@dataclass
+class M1M2Config(SSVAEConfig):
+    """M2's networks and semi-supervised setting (the SSVAE's options, over M1's features)
+    and M1: a trained VAE run, or the VAE to train first. The network, likelihood and guide
+    options describe M1; M2's networks are fully connected."""
+
+    m1_run: str | None = option(None, "a trained vae or iwae run on the same data to take M1 from; without it "
+                                "M1 is trained first, into RUN_DIR-m1 (continued there if it was stopped)")
+    m1_z_dim: int = option(50, "M1's latent dimensions, the features M2 models (when M1 is trained here)")
+    m1_hidden: tuple[int, ...] = option((200, 200), "M1's hidden layer sizes, comma separated (when M1 is "
+                                        "trained here)")
+    m1_activation: str = option("tanh", "M1's activation function (when M1 is trained here)", ACTIVATIONS)
+    m1_epochs: int = option(100, "epochs of M1's training (when M1 is trained here)")
+    features: str = option("sample", "what M2 trains on: a draw from q(z1 | x) at every step (sample, as Kingma "
+                           "et al.), or its mean", FEATURES)
+    train_m1: bool = option(False, "also train M1's weights on the stacked objective (default: M1 frozen)")
+
+    def m1_config(self) -> VAEConfig:
+        """M1's VAE config, from the ``M1_FIELDS`` of this one."""
+        return VAEConfig(**{vae: getattr(self, own) for own, vae in M1_FIELDS.items()})
+
+
+class M1M2(SemiSupervised):
+    """M1+M2: the semi-supervised M2 on the latent features of a trained VAE (M1)."""
+
+    Config = M1M2Config
+
+    def __init__(self, shape: Shape | int, config: M1M2Config | None = None):
+        super().__init__(shape, config or M1M2Config())
+        c = self.config
+        if c.m1_epochs < 1:
+            raise ConfigError(f"{{m1_epochs}} must be at least 1, got {c.m1_epochs}", m1_epochs=Flag("m1_epochs"))
+        if c.m1_z_dim < 1:
+            raise ConfigError(f"{{m1_z_dim}} must be at least 1, got {c.m1_z_dim}", m1_z_dim=Flag("m1_z_dim"))
+        self.m1 = VAE(self.shape, c.m1_config())
+        self.m1.requires_grad_(c.train_m1)
+        d = c.m1_z_dim
+        self.classifier = make_classifier("mlp", None, d, c.classifier_hidden, c.activation, c.classes)
+        self.encoder = GaussianEncoder(make_encoder("mlp", None, d, c.hidden, c.activation, cond_dim=c.classes),
+                                       c.z_dim)
+        # p(z1 | y, z2): a Gaussian whose location and scale both depend on (z2, y)
+        self.feature_decoder = GaussianEncoder(
+            make_encoder("mlp", None, c.z_dim, tuple(reversed(c.hidden)), c.activation, cond_dim=c.classes), d)
+        self._register_labelled()
+
+    # M1's pieces are what the loop and the checks mean by "the" likelihood and decoder
+    @property
+    def likelihood(self) -> Any:
+        return self.m1.likelihood
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.m1.decoder
+
+    def _points_at_features(self) -> bool:
+        return self.training and self.config.features == "mean"
+
+    def feature_density(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """p(z1 | y, z2), event shape (m1_z_dim,)."""
+        loc, scale = self.feature_decoder(z, self._onehot(y))
+        return dist.Normal(loc, scale).to_event(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The point M1 gives M2 for classification: the mean of q(z1 | x) (for a flow
+        guide, the base's mean through the transforms); a draw from it while training with
+        ``--features sample``."""
+        if self.training and self.config.features == "sample":
+            return self.m1.posterior(x).rsample()
+        loc, _, h = self.m1.encoder.with_features(x)
+        return self.m1.flow.push(loc, h)
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
+        batch = x.shape[0]
+        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
+        with pyro.plate("data", batch):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
+            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
+            z1 = pyro.sample("z1", self.feature_density(z, y))
+            pyro.sample("x", self.m1.decode(z1), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """q(z1 | x) from M1, q(y | z1) (enumerated when y is not given) and q(z2 | z1, y)."""
+        with pyro.plate("data", x.shape[0]):
+            if self._points_at_features():
+                z1 = pyro.sample("z1", dist.Delta(self.features(x), event_dim=1))
+            else:
+                z1 = pyro.sample("z1", self.m1.posterior(x))
+            if y is None:
+                y = pyro.sample("y", dist.Categorical(logits=self.classifier(z1)), infer={"enumerate": "parallel"})
+            loc, scale = self.encoder(z1, self._onehot(y))
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # --- M1 from its run ------------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, config: M1M2Config, train: Any, run_dir: Path, **runtime: Any) -> M1M2Config:
+        """M1's fields from ``--m1-run``, after training M1 into ``RUN_DIR-m1`` when no run
+        is given (continuing it there if an earlier attempt stopped): a plain VAE with the
+        M1 options, on the same data, batches, learning rate and seed, for ``m1_epochs``."""
+        from ..train import fit  # the loop imports the model registry
+
+        if config.m1_run is None:
+            m1_dir = run_dir.with_name(run_dir.name + "-m1")
+            m1_train = dataclasses.replace(train, epochs=config.m1_epochs, objective=None, particles=None,
+                                           beta=1.0, kl_warmup=0.0)
+            if not _finished(m1_dir, config.m1_epochs):
+                log = runtime.get("log")
+                if log:
+                    log(f"training M1 (a VAE, {config.m1_epochs} epochs) into {m1_dir} first")
+                fit("vae", config.m1_config(), m1_train, m1_dir, resume=True, **runtime)
+            config = dataclasses.replace(config, m1_run=str(m1_dir))
+        m1 = _open_m1(config.m1_run)
+        if m1["train"].get("dataset") != train.dataset:
+            raise DataError(f"{{m1_run}} was trained on {m1['train'].get('dataset')}, not {train.dataset}: "
+                            "M1 must be trained on the data M2 learns from", m1_run=Flag("m1_run", config.m1_run))
+        return dataclasses.replace(config, **{own: _json_value(m1["model_config"][vae], getattr(config, own))
+                                              for own, vae in M1_FIELDS.items() if vae in m1["model_config"]})
+
+    def check_data(self, data: Dataset, seed: int) -> None:
+        """M1's run (while it exists) must have trained on these data, binarized the same
+        way; then the SSVAE's checks of shape, support and labels."""
+        run = self.config.m1_run
+        if run is not None and RunDir(run).is_run():
+            seen = _open_m1(run)["data"]
+            ours = {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
+                    "image_shape": list(data.image_shape) if data.image_shape else None}
+            for key, value in ours.items():
+                if key in seen and seen[key] != value:
+                    raise DataError(f"{{m1_run}} was trained on data with {key} {seen[key]!r}; these have "
+                                    f"{value!r}: M1 must be trained on the data M2 learns from",
+                                    m1_run=Flag("m1_run", run))
+        super().check_data(data, seed)
+
+    def init_from_data(self, data: Dataset, seed: int) -> None:
+        """M1's weights from its run (without one, M1's output bias from the data), and the
+        labelled subset."""
+        if self.config.m1_run is not None:
+            run = RunDir.open(self.config.m1_run)
+            state = run.load_checkpoint(map_location=self.device)
+            load_model_state(self.m1, state["model"], run.path)
+        else:
+            self.m1.init_from_data(data, seed)
+        self.labelled.copy_(self._labelled_subset(data, seed))
+
+    # --- read-outs ------------------------------------------------------------------------
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z2 | x) with z1 at the mean of q(z1 | x): sum_y q(y | z1) q(z2 | z1, y), a
+        mixture (batch shape (batch,), event shape (z_dim,))."""
+        z1 = self.features(x)
+        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)
+        loc, scale = (t.transpose(0, 1) for t in self.encoder(z1, self._onehot(labels)))
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.classifier(z1)),
+                                      dist.Normal(loc, scale).to_event(1))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z2 | z1, y), z1 the mean of q(z1 | x), y the predicted label."""
+        z1 = self.features(x)
+        return self.encoder(z1, self._onehot(self.classifier(z1).argmax(-1)))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """p(x | z1) at z1 = the mean of p(z1 | y, z2): both stages, the second plugged in."""
+        return self.m1.decode(self.feature_density(z, y).mean)
+
+    @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z1) at z1 = the mean of p(z1 | y, z2), for pictures."""
+        return self.m1.decode_mean(self.feature_density(z, y).mean)
+
+    @torch.no_grad()
+    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` images drawn down the model: y uniform, z2, then z1 from p(z1 | y, z2); the
+        pixel likelihood's means, or draws from it."""
+        y = torch.randint(self.config.classes, (n,), device=self.device)
+        z1 = self.feature_density(torch.randn(n, self.config.z_dim, device=self.device), y).sample()
+        return self.m1.decode(z1).sample() if draw else self.m1.decode_mean(z1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x to z1 (M1's mean) to z2 (q's mean at the predicted label) and back up through
+        both decoders' means."""
+        z1 = self.features(x)
+        y = self.classifier(z1).argmax(-1)
+        return self.decode_mean(self.encoder(z1, self._onehot(y))[0], y)
+
+
+def _finished(path: Path, epochs: int) -> bool:
+    """Whether ``path`` holds a run whose last checkpoint has ``epochs`` epochs or more."""
+    run = RunDir(path)
+    if not run.has_checkpoint():
+        return False
+    return run.load_checkpoint(map_location="cpu").get("epoch", 0) >= epochs
+
+
+def _open_m1(path: str) -> dict[str, Any]:
+    """The config of the run at ``path``, refused unless it is a VAE run with a checkpoint."""
+    where = Flag("m1_run", path)
+    try:
+        run = RunDir.open(path)
+        config = run.config()
+    except PyroVAEError as e:
+        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
+    if config["model"] not in M1_FAMILIES:
+        raise ConfigError(f"{{m1_run}} is a {config['model']} run; M1 must be a {' or '.join(M1_FAMILIES)} run",
+                          m1_run=where)
+    if not run.has_checkpoint():
+        raise ConfigError("{m1_run} has no checkpoint yet: train it for at least one epoch", m1_run=where)
+    return config
+
+
+def _json_value(value: Any, like: Any) -> Any:
+    """A config value read from JSON (lists for tuples) in the type of ``like``."""
+    return tuple(value) if isinstance(like, tuple) and isinstance(value, list) else value

@@ -1,11 +1,14 @@
-"""Test accuracy of the SSVAE over several draws of the labelled subset, for the README.
+"""Test accuracy of a semi-supervised family (SSVAE, M1+M2) over several draws of the
+labelled subset, for the README.
 
     python experiments/ssvae_draws.py RUN... [--out FILE]
 
-Each RUN is a finished ``pyro-vae fit ssvae --seed S`` run (the seed picks the labelled
-images) that ``pyro-vae evaluate RUN --iw K`` has scored; this reads the evaluations
-(``eval-test-iw*.json``) and prints the accuracy, error and ECE of each run with their
-mean and sample standard deviation, and writes them as JSON.
+Each RUN is a finished ``pyro-vae fit ssvae|m1m2 --seed S`` run (the seed picks the
+labelled images) that ``pyro-vae evaluate RUN --iw K`` has scored; this reads the
+evaluations (``eval-test-iw*.json``) and prints the accuracy, error and ECE of each run
+with their mean and sample standard deviation, and writes them as JSON, with each run's
+training wall time (the epochs' steps and scoring, from its metrics; for M1+M2 also its
+M1 run's, when that run is still where the config says).
 
 Beside the accuracy on the test images as every evaluation sees them (binarized once
 with a fixed seed), it gives the accuracy on the test images as stored (``accuracy_grey``:
@@ -35,6 +38,11 @@ def grey_accuracy(run: Path, data_dir: str | None) -> float:
     return (probs.argmax(-1) == data.labels["test"]).float().mean().item()
 
 
+def training_seconds(run: Path) -> float:
+    """Wall seconds of a run's epochs (steps and per-epoch scoring), from its metrics."""
+    return sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
 def summarize(runs: list[Path], data_dir: str | None = None) -> dict:
     """Per-run scores and their mean and standard deviation over runs."""
     rows = []
@@ -44,10 +52,13 @@ def summarize(runs: list[Path], data_dir: str | None = None) -> dict:
             raise click.UsageError(f"{run} has no test evaluation: run `pyro-vae evaluate {run} --iw 100` first")
         summary = json.loads(evals[-1].read_text())
         config = json.loads((run / "config.json").read_text())
-        rows.append({"run": run.name, "seed": config["train"]["seed"], "epochs": len(
-            (run / "metrics.jsonl").read_text().splitlines()), **{k: summary[k] for k in EVALUATED},
-            "accuracy_grey": grey_accuracy(run, data_dir),
-            "log_px": summary["log_px"]["mean"], "num_particles": summary["num_particles"]})
+        m1 = config["model_config"].get("m1_run")
+        m1_seconds = training_seconds(Path(m1)) if m1 and (Path(m1) / "metrics.jsonl").is_file() else None
+        rows.append({"run": run.name, "seed": config["train"]["seed"],
+                     "epochs": len((run / "metrics.jsonl").read_text().splitlines()),
+                     "train_seconds": training_seconds(run), **({"m1_seconds": m1_seconds} if m1_seconds else {}),
+                     **{k: summary[k] for k in EVALUATED}, "accuracy_grey": grey_accuracy(run, data_dir),
+                     "log_px": summary["log_px"]["mean"], "num_particles": summary["num_particles"]})
     stats = {k: {"mean": statistics.mean(r[k] for r in rows),
                  "sd": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else None} for k in KEYS}
     return {"runs": rows, **stats}
@@ -61,7 +72,7 @@ def summarize(runs: list[Path], data_dir: str | None = None) -> dict:
 def main(runs: tuple[Path, ...], out: Path | None, data_dir: str | None) -> None:
     result = summarize(list(runs), data_dir)
     for r in result["runs"]:
-        click.echo(f"{r['run']:20} seed {r['seed']}  accuracy {r['accuracy']:.4f} (grey images "
+        click.echo(f"{r['run']:20} seed {r['seed']}  {r['train_seconds'] / 60:.0f} min  accuracy {r['accuracy']:.4f} (grey images "
                    f"{r['accuracy_grey']:.4f})  ECE {r['ece']:.4f}  log p(x) (K={r['num_particles']}) {r['log_px']:.2f}")
     a, g, e = result["accuracy"], result["accuracy_grey"], result["ece"]
     click.echo(f"mean accuracy {a['mean']:.4f} (sd {a['sd'] or 0:.4f} over {len(runs)} draws; grey images "

@@ -166,6 +166,10 @@ def test_an_m1_run_that_cannot_serve_is_refused(tiny_labelled, tiny_npy, tmp_pat
         assert_clean_error(invoke("fit", "m1m2", "--dataset", data, "--m1-run", m1, "--run-dir", out, *common),
                            *fragments)
         assert not out.exists()
+    # M1's options come from its run: one that contradicts it is refused
+    for option, value in (("--m1-hidden", 32), ("--m1-z-dim", 3), ("--encoder", "conv")):
+        assert_clean_error(invoke("fit", "m1m2", "--dataset", tiny_labelled, "--m1-run", vae, option, value,
+                                  "--run-dir", tmp_path / "m", *common), option, "contradicts")
     # the same data binarized otherwise is other data
     assert_clean_error(invoke("fit", "m1m2", "--dataset", tiny_labelled, "--binarize", "threshold", "--m1-run", vae,
                               "--run-dir", tmp_path / "m", *common), "binarize")

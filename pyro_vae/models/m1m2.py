@@ -38,7 +38,9 @@ from pyro import poutine
 from ..config import option
 from ..data import Dataset
 from ..errors import ConfigError, DataError, Flag, PyroVAEError
-from ..nets import ACTIVATIONS, GaussianEncoder, make_classifier, make_encoder
+from ..guides import GUIDES
+from ..likelihoods import LIKELIHOODS
+from ..nets import ACTIVATIONS, DECODERS, ENCODERS, GaussianEncoder, make_classifier, make_encoder
 from ..runs import RunDir, load_model_state
 from .base import Shape
 from .ssvae import SemiSupervised, SSVAEConfig
@@ -59,6 +61,17 @@ class M1M2Config(SSVAEConfig):
     and M1: a trained VAE run, or the VAE to train first. The network, likelihood and guide
     options describe M1; M2's networks are fully connected."""
 
+    encoder: str = option("mlp", "M1's encoder network (when M1 is trained here)", ENCODERS)
+    decoder: str = option("mlp", "M1's decoder network (when M1 is trained here)", DECODERS)
+    likelihood: str = option("bernoulli", "M1's p(x | z1) of each pixel (when M1 is trained here; see fit vae)",
+                             LIKELIHOODS)
+    guide: str = option("diagonal", "M1's q(z1 | x) (when M1 is trained here; see fit vae)", GUIDES)
+    flow_length: int = option(10, "transforms of a flow --guide of M1")
+    z_dim: int = option(64, "dimensions of M2's latent z2")
+    hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of q(z2|z1,y) and p(z1|y,z2), comma "
+                                     "separated")
+    classifier_hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of the classifier q(y|z1), "
+                                                "comma separated")
     m1_run: str | None = option(None, "a trained vae or iwae run on the same data to take M1 from; without it "
                                 "M1 is trained first, into RUN_DIR-m1 (continued there if it was stopped)")
     m1_z_dim: int = option(50, "M1's latent dimensions, the features M2 models (when M1 is trained here)")
@@ -174,8 +187,18 @@ class M1M2(SemiSupervised):
         if m1["train"].get("dataset") != train.dataset:
             raise DataError(f"{{m1_run}} was trained on {m1['train'].get('dataset')}, not {train.dataset}: "
                             "M1 must be trained on the data M2 learns from", m1_run=Flag("m1_run", config.m1_run))
-        return dataclasses.replace(config, **{own: _json_value(m1["model_config"][vae], getattr(config, own))
-                                              for own, vae in M1_FIELDS.items() if vae in m1["model_config"]})
+        defaults = M1M2Config()
+        taken = {}
+        for own, vae in M1_FIELDS.items():
+            if vae not in m1["model_config"]:
+                continue
+            value, asked = _json_value(m1["model_config"][vae], getattr(config, own)), getattr(config, own)
+            if asked != getattr(defaults, own) and asked != value:
+                raise ConfigError(f"{{{own}}} contradicts {{m1_run}}, whose M1 has {vae} {value!r}: M1's options "
+                                  "are read from its run; leave them out", **{own: Flag(own, asked)},
+                                  m1_run=Flag("m1_run", config.m1_run))
+            taken[own] = value
+        return dataclasses.replace(config, **taken)
 
     def check_data(self, data: Dataset, seed: int) -> None:
         """M1's run (while it exists) must have trained on these data, binarized the same

@@ -179,3 +179,22 @@ def test_flows_quick(tmp_path):
     assert records[0]["flow_parameters"] == 0 < records[1]["flow_parameters"]
     assert "| planar, K = 2 | trace |" in (tmp_path / "flows.md").read_text()
     assert (tmp_path / "flows.png").stat().st_size > 0
+
+
+def test_m1_features_probes_a_vae_run(tiny_labelled, tmp_path):
+    from pyro_vae.cli import main as cli
+
+    run = tmp_path / "m1"
+    args = ["fit", "vae", "--dataset", tiny_labelled, "--z-dim", 3, "--hidden", 16, "--epochs", 3, "--batch-size", 20,
+            "--eval-size", 20, "--run-dir", run, "-q"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "probe.json"
+    result = CliRunner().invoke(load_script("m1_features").main, [str(run), "--labels", "8", "--seeds", "0,1",
+                                                                  "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["features"] == 3 and [r["seed"] for r in record["per_seed"]] == [0, 1]
+    # four noisy prototypes, a 3-epoch M1: well above chance (0.25) with every label
+    assert record["every_label"]["mlp_300_300"] > 0.6 and record["every_label"]["logistic"] > 0.6
+    assert all(0 <= r["logistic"] <= 1 and 0 <= r["nearest_neighbour"] <= 1 for r in record["per_seed"])

@@ -223,6 +223,7 @@ def fit(
     if dataclasses.is_dataclass(model_config):
         model_config = dataclasses.asdict(model_config)
     family_config = config_from_dict(cls.Config, model_config or {})
+    cls.check_config(family_config)
     model_config = dataclasses.asdict(family_config)
     train = train or TrainConfig()
     if train.objective is None:  # a flow guide trains on trace where the family's default is meanfield

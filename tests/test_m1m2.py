@@ -166,6 +166,13 @@ def test_an_m1_run_that_cannot_serve_is_refused(tiny_labelled, tiny_npy, tmp_pat
         assert_clean_error(invoke("fit", "m1m2", "--dataset", data, "--m1-run", m1, "--run-dir", out, *common),
                            *fragments)
         assert not out.exists()
+    # impossible M1 or M2 options are refused by their own name before M1 is trained
+    for option, value in (("--m1-epochs", 0), ("--m1-z-dim", 0), ("--m1-epochs", -2), ("--z-dim", 0),
+                          ("--labels", 2)):
+        out = tmp_path / "early"
+        assert_clean_error(invoke("fit", "m1m2", "--dataset", tiny_labelled, "--run-dir", out, *common, option,
+                                  value), option)
+        assert not out.exists() and not (tmp_path / "early-m1").exists()
     # M1's options come from its run: one that contradicts it is refused
     for option, value in (("--m1-hidden", 32), ("--m1-z-dim", 3), ("--encoder", "conv")):
         assert_clean_error(invoke("fit", "m1m2", "--dataset", tiny_labelled, "--m1-run", vae, option, value,

@@ -89,7 +89,7 @@ class Family(PyroModule):
         shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
         if len(shape) not in (1, 3) or min(shape) < 1:
             raise ConfigError(f"data shape must be (C, H, W) or (D,), got {shape}")
-        check_nets_config(config)
+        self.check_config(config)
         self.config = config
         self.shape = shape
         self.image_shape = shape if len(shape) == 3 else None
@@ -101,6 +101,12 @@ class Family(PyroModule):
         self.likelihood = make_likelihood(c.likelihood, self.x_dim, c.likelihood_config())
         self.decoder = make_decoder(c.decoder, in_dim, self.image_shape, self.x_dim,
                                     self.likelihood.params_per_value, hidden, c.activation)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse impossible options before anything is built or trained (``fit`` calls it
+        before ``prepare``, the constructor again); families add their own rules."""
+        check_nets_config(config)
 
     @property
     def device(self) -> torch.device:

@@ -96,10 +96,6 @@ class M1M2(SemiSupervised):
     def __init__(self, shape: Shape | int, config: M1M2Config | None = None):
         super().__init__(shape, config or M1M2Config())
         c = self.config
-        if c.m1_epochs < 1:
-            raise ConfigError(f"{{m1_epochs}} must be at least 1, got {c.m1_epochs}", m1_epochs=Flag("m1_epochs"))
-        if c.m1_z_dim < 1:
-            raise ConfigError(f"{{m1_z_dim}} must be at least 1, got {c.m1_z_dim}", m1_z_dim=Flag("m1_z_dim"))
         self.m1 = VAE(self.shape, c.m1_config())
         self.m1.requires_grad_(c.train_m1)
         d = c.m1_z_dim
@@ -110,6 +106,16 @@ class M1M2(SemiSupervised):
         self.feature_decoder = GaussianEncoder(
             make_encoder("mlp", None, c.z_dim, tuple(reversed(c.hidden)), c.activation, cond_dim=c.classes), d)
         self._register_labelled()
+
+    @classmethod
+    def check_config(cls, config: M1M2Config) -> None:
+        """M1's own sizes first (M1 may be trained before the model is built), then the rest."""
+        if config.m1_epochs < 1:
+            raise ConfigError(f"{{m1_epochs}} must be at least 1, got {config.m1_epochs}",
+                              m1_epochs=Flag("m1_epochs"))
+        if config.m1_z_dim < 1:
+            raise ConfigError(f"{{m1_z_dim}} must be at least 1, got {config.m1_z_dim}", m1_z_dim=Flag("m1_z_dim"))
+        super().check_config(config)
 
     # M1's pieces are what the loop and the checks mean by "the" likelihood and decoder
     @property
@@ -142,12 +148,8 @@ class M1M2(SemiSupervised):
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
         """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
-        batch = x.shape[0]
-        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
-        with pyro.plate("data", batch):
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
-            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
+        with pyro.plate("data", x.shape[0]):
+            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
             z1 = pyro.sample("z1", self.feature_density(z, y))
             pyro.sample("x", self.m1.decode(z1), obs=x)
 

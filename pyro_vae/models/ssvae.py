@@ -86,14 +86,24 @@ class SemiSupervised(Family):
     has_classes = True
     enumerates_in_guide = True
 
-    def __init__(self, shape: Shape | int, config: SSVAEConfig):
-        super().__init__(shape, config)
+    @classmethod
+    def check_config(cls, config: SSVAEConfig) -> None:
+        super().check_config(config)
         if config.classes < 2:
             raise ConfigError(f"--classes must be at least 2, got {config.classes}")
         if config.labels < config.classes:
             raise ConfigError(f"--labels must be at least --classes ({config.classes}), got {config.labels}")
         if config.aux_weight < 0:
             raise ConfigError(f"--aux-weight must be non-negative, got {config.aux_weight}")
+
+    def _sample_z_and_y(self, batch: int, y: torch.Tensor | None,
+                        kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's z ~ N(0, I) (scaled by ``kl_weight``) and y ~ uniform (observed where
+        given), inside the caller's data plate."""
+        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
+        with poutine.scale(scale=kl_weight):
+            z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
+        return z, pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
 
     def _register_labelled(self) -> None:
         # which training images are labelled: chosen by init_from_data, saved with the weights
@@ -252,12 +262,8 @@ class SSVAE(SemiSupervised):
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
         """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
-        batch = x.shape[0]
-        zeros = torch.zeros(batch, self.config.z_dim, device=self.device)
-        with pyro.plate("data", batch):
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
-            y = pyro.sample("y", dist.Categorical(logits=zeros.new_zeros(batch, self.config.classes)), obs=y)
+        with pyro.plate("data", x.shape[0]):
+            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
             pyro.sample("x", self.decode(z, y), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:

@@ -4,6 +4,7 @@ refusals of an M1 run that cannot serve."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pyro
@@ -153,6 +154,9 @@ def test_an_m1_run_that_cannot_serve_is_refused(tiny_labelled, tiny_npy, tmp_pat
     images, labels = make_binary_images(240, side=10, seed=1, with_labels=True)
     np.savez(wide, train=images[:200], train_labels=labels[:200], test=images[200:], test_labels=labels[200:])
     (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"  # a VAE run whose checkpoint was cut short
+    shutil.copytree(vae, broken)
+    (broken / "checkpoint.pt").write_bytes((vae / "checkpoint.pt").read_bytes()[:100])
     cases = [
         (tiny_labelled, ss, ["ssvae run", "vae or iwae"]),
         (other, vae, ["was trained on", "the data M2 learns from"]),
@@ -160,6 +164,7 @@ def test_an_m1_run_that_cannot_serve_is_refused(tiny_labelled, tiny_npy, tmp_pat
         (tiny_labelled, tmp_path / "nowhere", ["--m1-run", "not a run directory"]),
         (tiny_labelled, tmp_path / "empty", ["--m1-run", "not a run directory"]),
         (tiny_labelled, tiny_npy, ["--m1-run", "not a run directory"]),
+        (tiny_labelled, broken, ["--m1-run", "truncated or corrupt"]),
     ]
     for data, m1, fragments in cases:
         out = tmp_path / "m"

@@ -280,7 +280,7 @@ def _finished(path: Path, epochs: int) -> bool:
 
 
 def _open_m1(path: str) -> dict[str, Any]:
-    """The config of the run at ``path``, refused unless it is a VAE run with a checkpoint."""
+    """The config of the run at ``path``, refused unless it is a VAE run with a readable checkpoint."""
     where = Flag("m1_run", path)
     try:
         run = RunDir.open(path)
@@ -292,6 +292,10 @@ def _open_m1(path: str) -> dict[str, Any]:
                           m1_run=where)
     if not run.has_checkpoint():
         raise ConfigError("{m1_run} has no checkpoint yet: train it for at least one epoch", m1_run=where)
+    try:
+        run.load_checkpoint()  # a damaged one is refused now, before this run's folder is made
+    except PyroVAEError as e:
+        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
     return config
 
 

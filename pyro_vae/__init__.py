@@ -14,8 +14,8 @@ from .data import Dataset, load_dataset
 from .errors import PyroVAEError
 from .guides import GUIDES, make_flow
 from .likelihoods import LIKELIHOODS, make_likelihood
-from .models import (GMVAE, IWAE, M1M2, MODELS, SSVAE, VAE, Family, GMVAEConfig, NetsConfig, SSVAEConfig, VAEConfig,
-                     M1M2Config, build_model)
+from .models import (ADGM, GMVAE, IWAE, M1M2, MODELS, SSVAE, VAE, Family, GMVAEConfig, NetsConfig, SSVAEConfig, VAEConfig,
+                     ADGMConfig, M1M2Config, build_model)
 from .nets import DECODERS, ENCODERS
 from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, make_objective
 from .train import Run, TrainConfig, fit, load_run, resume
@@ -24,7 +24,7 @@ pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 __all__ = [
-    "BoundEstimates", "build_model", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
+    "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
     "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "M1M2", "M1M2Config", "load_run", "log_weights",
     "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
     "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",

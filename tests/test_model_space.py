@@ -22,6 +22,7 @@ from test_cli import assert_clean_error, invoke
 SHAPE = (1, 8, 8)
 NETS = {"z_dim": 3, "hidden": (24,), "activation": "tanh"}
 FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
+          "adgm": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "a_dim": 3},
           # the network, likelihood and guide options describe M1 (untrained here, and frozen)
           "m1m2": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "m1_z_dim": 4, "m1_hidden": (24,)}}
 

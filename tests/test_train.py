@@ -126,9 +126,10 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
 PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective in cls.objectives]
 
 
-# small networks for the tiny 8x8 data; the SSVAE and M1+M2 with four classes and two labels each
+# small networks for the tiny 8x8 data; the SSVAE, ADGM and M1+M2 with four classes and two labels each
 # (M1+M2 trains its small M1 for two epochs first)
 SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8},
+                 "adgm": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "a_dim": 2},
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
                           "m1_hidden": (16,), "m1_epochs": 2}}
 

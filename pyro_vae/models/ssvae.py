@@ -194,6 +194,22 @@ class SemiSupervised(Family):
 
     # --- read-outs ------------------------------------------------------------------------
 
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """p(x | y, z): the decoder sees z beside the one-hot label (M1+M2 decodes through both of its stages)."""
+        return self.likelihood.distribution(self.decoder(cat_last(z, self._onehot(y))))
+
+    @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | y, z), for pictures."""
+        return self.likelihood.mean(self.decoder(cat_last(z, self._onehot(y))))
+
+    @torch.no_grad()
+    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
+        """``n`` images from the model (uniform label): the likelihood's means, or draws."""
+        y = torch.randint(self.config.classes, (n,), device=self.device)
+        z = torch.randn(n, self.config.z_dim, device=self.device)
+        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
+
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """q(y | x): class probabilities, shape (batch, classes)."""
@@ -276,15 +292,6 @@ class SSVAE(SemiSupervised):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
-        """p(x | y, z): the decoder sees z beside the one-hot label."""
-        return self.likelihood.distribution(self.decoder(cat_last(z, self._onehot(y))))
-
-    @torch.no_grad()
-    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean of p(x | y, z), for pictures."""
-        return self.likelihood.mean(self.decoder(cat_last(z, self._onehot(y))))
-
     def _posterior_components(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x, y) for every label y at once: batch shape (batch, classes)."""
         labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
@@ -302,13 +309,6 @@ class SSVAE(SemiSupervised):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Location and scale of q(z | x, y) at the classifier's label."""
         return self.encoder(x, self._onehot(self.classify(x).argmax(-1)))
-
-    @torch.no_grad()
-    def sample(self, n: int, draw: bool = False) -> torch.Tensor:
-        """``n`` images from the model (uniform label): the likelihood's means, or draws."""
-        y = torch.randint(self.config.classes, (n,), device=self.device)
-        z = torch.randn(n, self.config.z_dim, device=self.device)
-        return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

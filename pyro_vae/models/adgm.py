@@ -1,0 +1,157 @@
+"""The auxiliary deep generative model (ADGM, Maaløe et al. 2016) for semi-supervised
+learning as one Pyro model/guide pair: M2 with an auxiliary latent a that makes the
+guide richer while the model of x stays M2's.
+
+    y ~ Categorical(uniform),   z ~ N(0, I),   x | y, z ~ p(x | decoder(z, onehot(y))),
+    a | x, y, z ~ N(mu(x, y, z), diag sigma(x, y, z)^2)
+    q(a | x) = N(mu(x), diag sigma(x)^2),   q(y | a, x) = Categorical(classifier(x, a)),
+    q(z | a, x, y) = N(mu(x, a, y), diag sigma(x, a, y)^2)
+
+(q(z | a, x, y) through a flow's transforms with a flow ``--guide``). Integrating a out
+leaves p(x, y, z) unchanged, so the ELBO E_q[log p(x, y, z, a) - log q(a, y, z | x)] is a
+bound on M2's log p(x); its guide, q(y, z | x) = E_q(a|x)[q(y | a, x) q(z | a, x, y)], is a
+continuous mixture, and p(a | x, y, z) is what the bound learns to approximate the guide's
+posterior over a with.
+
+The label is handled as in the SSVAE (``SemiSupervised``): observed where known, marked
+for parallel enumeration in the guide where not, so ``TraceEnum_ELBO`` sums it out
+exactly given the guide's draw of a (one draw of a per image, one of z per label); the
+classifier gets aux_weight * -log q(y | a, x) on labelled images at a fresh draw of a.
+Predictions average q(y | a, x) over ``class_draws`` draws of a, an estimate of the
+guide's q(y | x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from ..config import option
+from ..errors import ConfigError, Flag
+from ..guides import make_flow
+from ..nets import GaussianEncoder, cat_last, make_encoder
+from .base import Shape
+from .ssvae import SemiSupervised, SSVAEConfig
+
+
+@dataclass
+class ADGMConfig(SSVAEConfig):
+    """M2's networks and semi-supervised setting (the SSVAE's options) and the auxiliary
+    latent a: its size, and the draws of it that a prediction averages over. q(a | x) and
+    p(a | x, y, z) have the ``hidden`` layers, q(y | a, x) the ``classifier_hidden`` ones."""
+
+    a_dim: int = option(64, "dimensions of the auxiliary latent a")
+    class_draws: int = option(16, "draws of a ~ q(a | x) over which a prediction averages q(y | a, x)")
+
+
+class ADGM(SemiSupervised):
+    """M2 with an auxiliary latent a in the guide, q(a | x) q(y | a, x) q(z | a, x, y), and
+    p(a | x, y, z) in the model."""
+
+    Config = ADGMConfig
+
+    def __init__(self, shape: Shape | int, config: ADGMConfig | None = None):
+        super().__init__(shape, config or ADGMConfig())
+        c = self.config
+        image, d = self.image_shape, self.x_dim
+        self.aux_encoder = GaussianEncoder(make_encoder(c.encoder, image, d, c.hidden, c.activation), c.a_dim)
+        self.classifier_body = make_encoder(c.encoder, image, d, c.classifier_hidden, c.activation, cond_dim=c.a_dim)
+        self.classifier_head = nn.Linear(self.classifier_body.out_dim, c.classes)
+        self.encoder = GaussianEncoder(make_encoder(c.encoder, image, d, c.hidden, c.activation,
+                                                    cond_dim=c.a_dim + c.classes), c.z_dim)
+        self.aux_decoder = GaussianEncoder(make_encoder(c.encoder, image, d, c.hidden, c.activation,
+                                                        cond_dim=c.z_dim + c.classes), c.a_dim)
+        self._likelihood_and_decoder(c.z_dim + c.classes, tuple(reversed(c.hidden)))
+        self.flow = make_flow(c.guide, self.encoder.body.out_dim, c.z_dim, c.flow_length)
+        self._register_labelled()
+
+    @classmethod
+    def check_config(cls, config: ADGMConfig) -> None:
+        super().check_config(config)
+        for name in ("a_dim", "class_draws"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"{{{name}}} must be at least 1, got {getattr(config, name)}", **{name: Flag(name)})
+
+    # --- the conditionals -------------------------------------------------------------
+
+    def aux_posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(a | x), event shape (a_dim,)."""
+        loc, scale = self.aux_encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def aux_density(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dist.Distribution:
+        """p(a | x, y, z), event shape (a_dim,)."""
+        loc, scale = self.aux_decoder(x, cat_last(z, self._onehot(y)))
+        return dist.Normal(loc, scale).to_event(1)
+
+    def logits_given_aux(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The logits of q(y | a, x), (..., classes)."""
+        return self.classifier_head(self.classifier_body(x, a))
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(y | x) up to a constant: q(y | a, x) at one draw of a while training (the
+        classification loss of the paper), else averaged over ``class_draws`` draws."""
+        q_a = self.aux_posterior(x)
+        if self.training:
+            return self.logits_given_aux(x, q_a.rsample())
+        a = q_a.sample((self.config.class_draws,))
+        return torch.logsumexp(torch.log_softmax(self.logits_given_aux(x, a), -1), 0)
+
+    # --- the Pyro pair ------------------------------------------------------------------
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise.
+        ``kl_weight`` scales the latent sites z and a."""
+        with pyro.plate("data", x.shape[0]):
+            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
+            pyro.sample("x", self.decode(z, y), obs=x)
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("a", self.aux_density(x, y, z))
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+        """q(a | x), q(y | a, x) (enumerated when y is not given) and q(z | a, x, y)."""
+        with pyro.plate("data", x.shape[0]):
+            with poutine.scale(scale=kl_weight):
+                a = pyro.sample("a", self.aux_posterior(x))
+            if y is None:
+                y = pyro.sample("y", dist.Categorical(logits=self.logits_given_aux(x, a)),
+                                infer={"enumerate": "parallel"})
+            loc, scale, h = self.encoder.with_features(x, cat_last(a, self._onehot(y)))
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
+
+    # --- read-outs ----------------------------------------------------------------------
+
+    def _aux_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aux_encoder(x)[0]
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x) with a at the mean of q(a | x): sum_y q(y | a, x) q(z | a, x, y), a
+        mixture (batch shape (batch,), event shape (z_dim,)); the guide's own marginal
+        also integrates over a."""
+        a = self._aux_mean(x)
+        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
+        loc, scale, h = (t.transpose(0, 1) for t in
+                         self.encoder.with_features(x, cat_last(a, self._onehot(labels))))
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits_given_aux(x, a)),
+                                      self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z | a, x, y), a the mean of q(a | x), y the predicted label."""
+        y = self.classify(x).argmax(-1)
+        return self.encoder(x, cat_last(self._aux_mean(x), self._onehot(y)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the mean of q(z | a, x, y) at a = the mean of q(a | x) and the predicted label."""
+        y = self.classify(x).argmax(-1)
+        loc, _, h = self.encoder.with_features(x, cat_last(self._aux_mean(x), self._onehot(y)))
+        return self.decode_mean(self.flow.push(loc, h), y)
+

@@ -66,7 +66,15 @@ class MLPEncoder(nn.Sequential):
         self.out_dim = hidden[-1] if hidden else x_dim + cond_dim
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x if cond is None else cat_last(x, cond))
+        if cond is None or len(self) == 0:
+            return super().forward(x if cond is None else cat_last(x, cond))
+        # the first layer of [x, cond] as W_x x + W_c cond: x's part once, however many
+        # enumerated labels cond carries (the same function as the layer on the concatenation)
+        first, d = self[0], x.shape[-1]
+        h = F.linear(x, first.weight[:, :d]) + F.linear(cond, first.weight[:, d:], first.bias)
+        for layer in list(self)[1:]:
+            h = layer(h)
+        return h
 
 
 class MLPDecoder(nn.Module):

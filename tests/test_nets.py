@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from pyro_vae.errors import ConfigError
-from pyro_vae.nets import BernoulliImage, ConvDecoder, ConvEncoder
+from pyro_vae.nets import BernoulliImage, ConvDecoder, ConvEncoder, MLPEncoder, cat_last
 
 
 def test_bernoulli_image_is_independent_bernoulli_pixels():
@@ -128,3 +128,15 @@ def test_conv_autoencoder_fits_toy_images(one_thread):
         step.backward()
         opt.step()
     assert loss().item() < 0.1
+
+
+def test_a_conditioned_mlp_encoder_is_its_layers_on_the_concatenation():
+    """The first layer's x part is computed once for all enumerated labels: the same
+    function as the plain stack on [x, cond], broadcast over the labels' dimension."""
+    torch.manual_seed(0)
+    body = MLPEncoder(None, 6, (5, 4), "elu", cond_dim=3)
+    x, cond = torch.randn(7, 6), torch.eye(3).unsqueeze(1)  # three labels, each for every row
+    out = body(x, cond)
+    plain = torch.nn.Sequential(*body)(cat_last(x, cond))
+    assert out.shape == (3, 7, 4) and torch.allclose(out, plain, atol=1e-6)
+    assert torch.allclose(body(x, cond[0].expand(7, 3)), plain[0], atol=1e-6)

@@ -1,9 +1,9 @@
-"""Test accuracy of a semi-supervised family (SSVAE, M1+M2) over several draws of the
+"""Test accuracy of a semi-supervised family (SSVAE, ADGM, M1+M2) over several draws of the
 labelled subset, for the README.
 
     python experiments/ssvae_draws.py RUN... [--out FILE]
 
-Each RUN is a finished ``pyro-vae fit ssvae|m1m2 --seed S`` run (the seed picks the
+Each RUN is a finished ``pyro-vae fit ssvae|adgm|m1m2 --seed S`` run (the seed picks the
 labelled images) that ``pyro-vae evaluate RUN --iw K`` has scored; this reads the
 evaluations (``eval-test-iw*.json``) and prints the accuracy, error and ECE of each run
 with their mean and sample standard deviation, and writes them as JSON, with each run's

@@ -198,3 +198,29 @@ def test_m1_features_probes_a_vae_run(tiny_labelled, tmp_path):
     # four noisy prototypes, a 3-epoch M1: well above chance (0.25) with every label
     assert record["every_label"]["mlp_300_300"] > 0.6 and record["every_label"]["logistic"] > 0.6
     assert all(0 <= r["logistic"] <= 1 and 0 <= r["nearest_neighbour"] <= 1 for r in record["per_seed"])
+
+
+def test_adgm_class_draws_scores_each_number_of_draws(tiny_labelled, tmp_path):
+    from pyro_vae.cli import main as cli
+
+    run = tmp_path / "ad"
+    args = ["fit", "adgm", "--dataset", tiny_labelled, "--labels", 8, "--classes", 4, "--z-dim", 2, "--a-dim", 2,
+            "--hidden", 8, "--classifier-hidden", 8, "--epochs", 1, "--batch-size", 50, "--eval-size", 20,
+            "--run-dir", run, "-q"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    script = load_script("adgm_class_draws")
+    out = tmp_path / "draws.json"
+    result = CliRunner().invoke(script.main, [str(run), "--draws", "1,3", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())["ad"]
+    assert set(record) == {"1", "3", "mean"}
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 for r in record.values())
+    for bad in ("0,2", "two"):
+        refused = CliRunner().invoke(script.main, [str(run), "--draws", bad])
+        assert refused.exit_code == 2 and "--draws" in refused.output
+    vae = tmp_path / "vae"
+    assert CliRunner().invoke(cli, [str(a) for a in ["fit", "vae", "--dataset", tiny_labelled, "--epochs", 1,
+                                                     "--eval-size", 20, "--run-dir", vae, "-q"]]).exit_code == 0
+    refused = CliRunner().invoke(script.main, [str(vae)])
+    assert refused.exit_code == 2 and "adgm runs" in refused.output

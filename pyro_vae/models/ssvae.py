@@ -79,7 +79,8 @@ class SemiSupervised(Family):
     and enumerated for the rest; the batches that pair unlabelled with labelled images;
     the loss with the classifier's auxiliary term; the classifier's scores and figures.
     A subclass supplies the networks, the Pyro pair, ``class_logits(x)`` (q(y | x) before
-    the softmax) and the read-outs ``encode``, ``decode`` and ``decode_mean`` with a label."""
+    the softmax) and the read-outs ``encode``, ``posterior`` and ``reconstruct``; ``decode``,
+    ``decode_mean`` and ``sample`` default to M2's p(x | y, z) with z ~ N(0, I)."""
 
     default_objective = "enum"
     objectives = ("enum",)

@@ -238,3 +238,40 @@ def test_a_lock_stops_a_second_process_and_a_dead_one_holds_nothing(tiny_npy, tm
         holder.kill()  # as a crash would: the lock goes with the process
         holder.wait()
     assert len(resume(tmp_path / "l", epochs=2, device="cpu").history) == 2
+
+
+def test_burda_schedule_stages_rates_eps_and_exact_resume(tiny_npy, tmp_path):
+    """3^i epochs at lr x 10^(-i/7): epoch 1 at lr, epochs 2-4 one stage down, 5-13 two;
+    Adam's eps 1e-4; a run stopped inside a stage continues on the same rates."""
+    from pyro_vae.train import burda_stage
+
+    stages = [burda_stage(e) for e in range(3281)]
+    assert [stages.count(i) for i in range(8)] == [1, 3, 9, 27, 81, 243, 729, 2187 + 1]
+    assert stages[:14] == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3] and burda_stage(10**6) == 7
+    train = config(tiny_npy, epochs=6, lr=1e-3, lr_schedule="burda")
+    straight = fit("vae", SMALL, train, tmp_path / "a", device="cpu")
+    expected = [1e-3 * 10 ** (-i / 7) for i in (0, 1, 1, 1, 2, 2)]
+    assert [row["lr"] for row in straight.history] == pytest.approx(expected, rel=1e-12)
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4
+    fit("vae", SMALL, TrainConfig(**{**train.__dict__, "epochs": 3}), tmp_path / "b", device="cpu")
+    resumed = resume(tmp_path / "b", epochs=6, device="cpu")
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [row["lr"] for row in resumed.history] == [row["lr"] for row in straight.history]
+
+
+@pytest.mark.parametrize("kw,fragment", [({"lr_schedule": "burda", "lr_decay": 0.9}, "lr_decay must be 1 with"),
+                                         ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'")])
+def test_a_schedule_that_cannot_apply_is_refused(tiny_npy, tmp_path, kw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        fit("vae", SMALL, config(tiny_npy, **kw), tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_decay_beside_the_burda_schedule(tiny_npy, tmp_path):
+    from test_cli import FAST, assert_clean_error, invoke
+
+    assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", "--lr-schedule",
+                              "burda", "--lr-decay", 0.9, *FAST), "--lr-decay must be 1 with --lr-schedule burda")
+    assert not (tmp_path / "r").exists()

@@ -164,3 +164,21 @@ def test_impossible_sizes_are_refused_from_python():
         ADGM(D, ADGMConfig(a_dim=0, classes=C, labels=C))
     with pytest.raises(ConfigError, match="^class_draws must be at least 1"):
         ADGM(D, ADGMConfig(class_draws=-1, classes=C, labels=C))
+
+
+def test_many_draws_of_a_are_scored_in_blocks(pair, monkeypatch):
+    """A prediction over more draws than one block averages q(y | a, x) over every draw of
+    every block, the last one short."""
+    import pyro_vae.models.adgm as adgm
+
+    model, x = pair
+    model.eval()
+    model.config.class_draws = 7
+    monkeypatch.setattr(adgm, "CLASS_DRAW_BLOCK", 3)  # blocks of 3, 3 and 1
+    torch.manual_seed(3)
+    blocks = model.classify(x)
+    torch.manual_seed(3)
+    q_a = model.aux_posterior(x)
+    a = torch.cat([q_a.sample((n,)) for n in (3, 3, 1)])
+    by_hand = torch.softmax(model.logits_given_aux(x, a), -1).mean(0)
+    assert torch.allclose(blocks, by_hand, atol=1e-6) and torch.allclose(blocks.sum(-1), torch.ones(5))

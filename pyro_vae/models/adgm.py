@@ -40,6 +40,9 @@ from .base import Shape
 from .ssvae import SemiSupervised, SSVAEConfig
 
 
+CLASS_DRAW_BLOCK = 100  # draws of a scored at once by a prediction
+
+
 @dataclass
 class ADGMConfig(SSVAEConfig):
     """M2's networks and semi-supervised setting (the SSVAE's options) and the auxiliary
@@ -100,8 +103,12 @@ class ADGM(SemiSupervised):
         q_a = self.aux_posterior(x)
         if self.training:
             return self.logits_given_aux(x, q_a.rsample())
-        a = q_a.sample((self.config.class_draws,))
-        return torch.logsumexp(torch.log_softmax(self.logits_given_aux(x, a), -1), 0)
+        total, left = 0.0, self.config.class_draws
+        while left:  # in blocks, so that memory stays bounded however many draws are asked for
+            a = q_a.sample((min(left, CLASS_DRAW_BLOCK),))
+            total = total + torch.softmax(self.logits_given_aux(x, a), -1).sum(0)
+            left -= len(a)
+        return total.log()
 
     # --- the Pyro pair ------------------------------------------------------------------
 

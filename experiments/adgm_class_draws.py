@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import torch
 
+from pyro_vae.errors import PyroVAEError
 from pyro_vae.models.ssvae import calibration
 from pyro_vae.train import load_run
 
@@ -50,10 +51,13 @@ def main(runs: tuple[Path, ...], draws: str, out: Path | None, data_dir: str | N
         raise click.BadParameter("every number of draws must be at least 1", param_hint="--draws")
     result = {}
     for run in runs:
-        loaded = load_run(run)
+        try:
+            loaded = load_run(run)
+            data = loaded.load_data(data_dir, download=False)
+        except PyroVAEError as e:  # not a run, a damaged checkpoint, data gone: one line
+            raise click.UsageError(f"{run}: {e}") from None
         if loaded.model_name != "adgm":
             raise click.UsageError(f"{run} is a {loaded.model_name} run; this measures adgm runs")
-        data = loaded.load_data(data_dir, download=False)
         result[run.name] = scores(loaded.model, data.eval_data("test"), data.labels["test"], counts)
         click.echo(run.name + "  " + "  ".join(f"{k}: {v['accuracy']:.4f} (ECE {v['ece']:.3f})"
                                               for k, v in result[run.name].items()))

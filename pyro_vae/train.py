@@ -40,7 +40,9 @@ from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
 from .runs import RunDir, check_writable, load_model_state
 
-LR_SCHEDULES = ("exponential", "burda")
+#: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
+ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
+LR_SCHEDULES = tuple(ADAM_EPS)
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
 
 Log = Callable[[str], None]
@@ -422,7 +424,7 @@ class Session:
         train = _train_config(config["train"])
         world = world or World()
         model.to(device)
-        optimizer = make_optimizer(model.parameters(), train.lr, eps=1e-4 if train.lr_schedule == "burda" else 1e-8)
+        optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule])
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
         return cls(

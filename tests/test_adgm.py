@@ -5,7 +5,6 @@ exact resume, and the refusal of impossible sizes."""
 import json
 import math
 
-import numpy as np
 import pyro
 import pytest
 import torch
@@ -18,7 +17,7 @@ from pyro_vae import ADGM, ADGMConfig, TrainConfig, fit, resume
 from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError
 
-from test_cli import FAST, assert_clean_error, invoke
+from test_cli import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke
 from test_m1m2 import labelled_npz
 
 C, Z, A, D = 3, 2, 3, 10
@@ -139,15 +138,7 @@ def test_cli_fit_evaluate_and_sample_by_class(tiny_labelled, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())["model_config"]
     assert (config["a_dim"], config["class_draws"]) == (3, 4)
-    result = invoke("evaluate", run, "--iw", 10, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    summary = json.loads((run / "eval-test-iw10.json").read_text())
-    assert summary["accuracy"] + summary["error"] == pytest.approx(1.0) and summary["ece"] >= 0
-    assert summary["log_px"]["mean"] >= summary["elbo"]["mean"]
-    result = invoke("sample", run, "--by-class", "-n", 3, "--output", tmp_path / "c.png", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    images = np.load(tmp_path / "c.npy")
-    assert images.shape == (12, 64) and ((images >= 0) & (images <= 1)).all()
+    assert_scores_and_samples_by_class(run, tmp_path)
 
 
 @pytest.mark.parametrize("option,value", [("--a-dim", 0), ("--a-dim", -3), ("--class-draws", 0), ("--z-dim", 0),

@@ -28,6 +28,20 @@ def assert_clean_error(result, *fragments):
         assert fragment in message[0], message[0]
 
 
+def assert_scores_and_samples_by_class(run, tmp_path, classes=4):
+    """``evaluate`` of a semi-supervised run reports the classifier and a bound above its
+    ELBO; ``sample --by-class`` writes 3 images of each class with values in [0, 1]."""
+    result = invoke("evaluate", run, "--iw", 10, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "eval-test-iw10.json").read_text())
+    assert summary["accuracy"] + summary["error"] == pytest.approx(1.0) and summary["ece"] >= 0
+    assert summary["log_px"]["mean"] >= summary["elbo"]["mean"]
+    result = invoke("sample", run, "--by-class", "-n", 3, "--output", tmp_path / "c.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    images = np.load(tmp_path / "c.npy")
+    assert images.shape == (3 * classes, 64) and ((images >= 0) & (images <= 1)).all()
+
+
 @pytest.fixture
 def trained(tiny_npy, tmp_path):
     run = tmp_path / "run"

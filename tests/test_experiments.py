@@ -224,3 +224,8 @@ def test_adgm_class_draws_scores_each_number_of_draws(tiny_labelled, tmp_path):
                                                      "--eval-size", 20, "--run-dir", vae, "-q"]]).exit_code == 0
     refused = CliRunner().invoke(script.main, [str(vae)])
     assert refused.exit_code == 2 and "adgm runs" in refused.output
+    (tmp_path / "empty").mkdir()  # not a run, and a run whose checkpoint was cut short
+    (vae / "checkpoint.pt").write_bytes((vae / "checkpoint.pt").read_bytes()[:100])
+    for folder, fragment in ((tmp_path / "empty", "not a run directory"), (vae, "truncated or corrupt")):
+        refused = CliRunner().invoke(script.main, [str(folder)])
+        assert refused.exit_code == 2 and fragment in refused.output and "Traceback" not in refused.output

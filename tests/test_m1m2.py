@@ -18,7 +18,7 @@ from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError, DataError
 
 from conftest import make_binary_images
-from test_cli import FAST, assert_clean_error, invoke
+from test_cli import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke
 
 C, Z1, Z2 = 3, 4, 2
 SMALL = {"z_dim": 2, "hidden": (16,), "classifier_hidden": (16,), "classes": 4, "labels": 8,
@@ -200,12 +200,4 @@ def test_cli_fit_evaluate_and_sample_by_class_through_both_stages(tiny_labelled,
     assert (tmp_path / "mm-m1" / "config.json").is_file()  # M1 trained first, beside the run
     config = json.loads((run / "config.json").read_text())["model_config"]
     assert (config["m1_z_dim"], config["m1_hidden"], config["m1_run"]) == (4, [16], str(tmp_path / "mm-m1"))
-    result = invoke("evaluate", run, "--iw", 10, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    summary = json.loads((run / "eval-test-iw10.json").read_text())
-    assert summary["accuracy"] + summary["error"] == pytest.approx(1.0) and summary["ece"] >= 0
-    assert summary["log_px"]["mean"] >= summary["elbo"]["mean"]
-    result = invoke("sample", run, "--by-class", "-n", 3, "--output", tmp_path / "c.png", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    images = np.load(tmp_path / "c.npy")
-    assert images.shape == (12, 64) and ((images >= 0) & (images <= 1)).all()
+    assert_scores_and_samples_by_class(run, tmp_path)

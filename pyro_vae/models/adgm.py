@@ -24,7 +24,6 @@ guide's q(y | x).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -135,30 +134,11 @@ class ADGM(SemiSupervised):
 
     # --- read-outs ----------------------------------------------------------------------
 
-    def _aux_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return self.aux_encoder(x)[0]
+    def _readout_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y | a, x) at the mean of q(a | x): ``posterior`` is the mixture at that a (the
+        guide's own marginal over z also integrates over a)."""
+        return self.logits_given_aux(x, self.aux_encoder(x)[0])
 
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x) with a at the mean of q(a | x): sum_y q(y | a, x) q(z | a, x, y), a
-        mixture (batch shape (batch,), event shape (z_dim,)); the guide's own marginal
-        also integrates over a."""
-        a = self._aux_mean(x)
-        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
-        loc, scale, h = (t.transpose(0, 1) for t in
-                         self.encoder.with_features(x, cat_last(a, self._onehot(labels))))
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits_given_aux(x, a)),
-                                      self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale of q(z | a, x, y), a the mean of q(a | x), y the predicted label."""
-        y = self.classify(x).argmax(-1)
-        return self.encoder(x, cat_last(self._aux_mean(x), self._onehot(y)))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the mean of q(z | a, x, y) at a = the mean of q(a | x) and the predicted label."""
-        y = self.classify(x).argmax(-1)
-        loc, _, h = self.encoder.with_features(x, cat_last(self._aux_mean(x), self._onehot(y)))
-        return self.decode_mean(self.flow.push(loc, h), y)
-
+    def _condition(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The read-outs take q(z | a, x, y) at the mean of q(a | x)."""
+        return cat_last(self.aux_encoder(x)[0], onehot)

@@ -79,8 +79,9 @@ class SemiSupervised(Family):
     and enumerated for the rest; the batches that pair unlabelled with labelled images;
     the loss with the classifier's auxiliary term; the classifier's scores and figures.
     A subclass supplies the networks, the Pyro pair, ``class_logits(x)`` (q(y | x) before
-    the softmax) and the read-outs ``encode``, ``posterior`` and ``reconstruct``; ``decode``,
-    ``decode_mean`` and ``sample`` default to M2's p(x | y, z) with z ~ N(0, I)."""
+    the softmax); the read-outs default to M2's over the image: ``decode``, ``decode_mean``
+    and ``sample`` from p(x | y, z) with z ~ N(0, I), ``posterior``, ``encode`` and
+    ``reconstruct`` from ``encoder`` and ``flow``, q(z | x, y) (M1+M2 has its own)."""
 
     default_objective = "enum"
     objectives = ("enum",)
@@ -211,6 +212,41 @@ class SemiSupervised(Family):
         z = torch.randn(n, self.config.z_dim, device=self.device)
         return self.decode(z, y).sample() if draw else self.decode_mean(z, y)
 
+    def _readout_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of q(y | .) that ``posterior`` weighs its components with."""
+        return self.class_logits(x)
+
+    def _condition(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """What q(z | x, .) is conditioned on beside the image in the read-outs: the one-hot
+        label (the ADGM adds the mean of its auxiliary latent)."""
+        return onehot
+
+    def _posterior_components(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x, y) for every label y at once: batch shape (batch, classes)."""
+        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
+        cond = self._condition(x, self._onehot(labels))
+        loc, scale, h = (t.transpose(0, 1) for t in self.encoder.with_features(x, cond))
+        return self.flow.distribution(dist.Normal(loc, scale).to_event(1), h)  # (batch, classes)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x) = sum_y q(y | x) q(z | x, y): the guide's marginal over z, a mixture
+        (whose log-density needs the components' inverses: none for a planar, radial or
+        Sylvester flow, so with those it can be sampled but not scored)."""
+        return dist.MixtureSameFamily(dist.Categorical(logits=self._readout_logits(x)),
+                                      self._posterior_components(x))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z | x, y) at the classifier's label."""
+        return self.encoder(x, self._condition(x, self._onehot(self.classify(x).argmax(-1))))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the mean of q(z | x, y) at the classifier's label."""
+        y = self.classify(x).argmax(-1)
+        loc, _, h = self.encoder.with_features(x, self._condition(x, self._onehot(y)))
+        return self.decode_mean(self.flow.push(loc, h), y)
+
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """q(y | x): class probabilities, shape (batch, classes)."""
@@ -292,31 +328,6 @@ class SSVAE(SemiSupervised):
             loc, scale, h = self.encoder.with_features(x, self._onehot(y))
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
-
-    def _posterior_components(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x, y) for every label y at once: batch shape (batch, classes)."""
-        labels = torch.arange(self.config.classes, device=x.device).unsqueeze(-1)  # (classes, 1)
-        loc, scale, h = (t.transpose(0, 1) for t in self.encoder.with_features(x, self._onehot(labels)))
-        return self.flow.distribution(dist.Normal(loc, scale).to_event(1), h)  # (batch, classes)
-
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x) = sum_y q(y | x) q(z | x, y): the guide's marginal over z, a mixture
-        (whose log-density needs the components' inverses: none for a planar, radial or
-        Sylvester flow, so with those it can be sampled but not scored)."""
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.classifier(x)),
-                                      self._posterior_components(x))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale of q(z | x, y) at the classifier's label."""
-        return self.encoder(x, self._onehot(self.classify(x).argmax(-1)))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the mean of q(z | x, y) at the classifier's label."""
-        y = self.classify(x).argmax(-1)
-        loc, _, h = self.encoder.with_features(x, self._onehot(y))
-        return self.decode_mean(self.flow.push(loc, h), y)
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, Any]:

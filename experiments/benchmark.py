@@ -1,15 +1,18 @@
 """The performance benchmark: our training steps and evaluator against hand-written plain
 PyTorch yardsticks and the machine's own matmul rate, measured side by side in one run.
 
-    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--out DIR]
+    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--out DIR]
 
 1. step: one training step (loss, backward, the loop's fused Adam) of each model/objective
-   pair against a plain PyTorch step of the same networks and the same math, written
-   below, with the same optimizer. Pairs run in interleaved rounds (machine noise hits
-   both alike); medians after a warm-up round.
+   pair, eager and compiled (``pyro_vae.compiled``: the trace that ``fit`` runs by
+   default), against a plain PyTorch step of the same networks and the same math, written
+   below, with the same optimizer, run eagerly and through ``torch.compile``
+   (``--no-torch-compile`` leaves that out). All four run in interleaved rounds (machine
+   noise hits them alike); medians after a warm-up round. Trace and compile times beside.
 2. eval: log p(x) with K importance samples on the test set, in images x particles per
-   second, against the matmul-bound rate: the decoder's dense matmuls alone, timed on
-   the same shapes; peak memory of K=5000 and K=50000 evaluations in fresh processes.
+   second, eager and compiled in alternating blocks of images, against the matmul-bound
+   rate: the decoder's dense matmuls alone, timed on the same shapes; peak memory of
+   K=5000 and K=50000 evaluations (compiled, as ``evaluate`` runs) in fresh processes.
 3. epoch: one epoch of ``fit`` on statically binarized MNIST, with the shares spent on
    the training steps, on producing the batches, and on the end-of-epoch monitoring.
 
@@ -39,6 +42,7 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 
 from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective
+from pyro_vae.compiled import Compiled, CompiledLoss
 from pyro_vae.data import toy_binary_images
 from pyro_vae.train import make_optimizer
 
@@ -129,8 +133,25 @@ def _timed_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Opti
     return time.perf_counter() - start
 
 
-def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo: Callable[[str], None]) -> list[dict]:
-    """Median step time of ours and of the plain step for every pair, interleaved rounds."""
+SIDES = ("ours", "compiled", "plain", "plain_compiled")
+
+
+def _torch_compiled(loss: Callable[[], torch.Tensor]) -> tuple[Callable[[], torch.Tensor] | None, float, str]:
+    """``loss`` through torch.compile (inductor), its first call timed as the compile
+    time; None and the reason where it fails (no C++ compiler, say)."""
+    compiled = torch.compile(loss)
+    start = time.perf_counter()
+    try:
+        compiled().backward()
+    except Exception as e:  # the yardstick is optional: say why it is missing
+        return None, 0.0, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    return compiled, time.perf_counter() - start, ""
+
+
+def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo: Callable[[str], None],
+                torch_compile: bool = True) -> list[dict]:
+    """Median step time of ours (eager and compiled) and of the plain step (eager and
+    through torch.compile) for every pair, interleaved rounds."""
     sync = _sync_for(device)
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((100, 784), 0.2, device=device))
@@ -138,30 +159,55 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
     for pair in step_pairs(quick):
         name, config = pair["model"]
         ours = build_model(name, 784, config).to(device)
-        plain = copy.deepcopy(ours)
+        traced, plain, plain_c = (copy.deepcopy(ours) for _ in range(3))
         objective = make_objective(*pair["objective"])
-        entries.append({
-            "pair": pair,
-            "ours": (lambda m=ours, o=objective: o.differentiable_loss(m.model, m.guide, x),
-                     make_optimizer(ours.parameters(), 1e-4)),
-            "plain": (lambda m=plain, f=pair["plain"]: f(m, x), make_optimizer(plain.parameters(), 1e-4)),
-            "times": {"ours": [], "plain": []},
-        })
+        compiled = Compiled(traced, "step")
+        fns = {
+            "ours": (lambda m=ours, o=objective: o.differentiable_loss(m.model, m.guide, x), ours),
+            "compiled": (lambda m=traced, o=objective, c=compiled: c(
+                lambda x: o.differentiable_loss(m.model, m.guide, x), (x,)), traced),
+            "plain": (lambda m=plain, f=pair["plain"]: f(m, x), plain),
+        }
+        entry = {"pair": pair, "times": {side: [] for side in SIDES}, "compile_s": None, "why": ""}
+        with pyro.validation_enabled(False):
+            fns["compiled"][0]().backward()  # traced here, verified in the warm-up round
+        entry["trace_s"] = compiled.trace_seconds
+        if torch_compile:
+            fn, entry["compile_s"], entry["why"] = _torch_compiled(lambda m=plain_c, f=pair["plain"]: f(m, x))
+            if fn is not None:
+                fns["plain_compiled"] = (fn, plain_c)
+        entry["run"] = {side: (fn, make_optimizer(m.parameters(), 1e-4)) for side, (fn, m) in fns.items()}
+        entry["compiled"] = compiled
+        entries.append(entry)
     with pyro.validation_enabled(False):
         for r in range(rounds + 1):  # round 0 warms up
             for entry in entries:
-                for side in ("ours", "plain"):
+                for side, run in entry["run"].items():
                     for _ in range(steps):
-                        t = _timed_step(*entry[side], sync)
+                        t = _timed_step(*run, sync)
                         if r:
                             entry["times"][side].append(t)
     results = []
     for entry in entries:
-        ours, plain = (statistics.median(entry["times"][s]) for s in ("ours", "plain"))
-        results.append({"name": entry["pair"]["name"], "ours_ms": 1e3 * ours, "plain_ms": 1e3 * plain,
-                        "ratio": ours / plain, "repeats": len(entry["times"]["ours"])})
-        echo(f"step  {entry['pair']['name']:40} ours {1e3 * ours:7.2f} ms  plain {1e3 * plain:7.2f} ms  "
-             f"ratio {ours / plain:.2f}")
+        ms = {side: 1e3 * statistics.median(t) if t else None for side, t in entry["times"].items()}
+        if not entry["compiled"].enabled:
+            ms["compiled"] = None
+        ratio = lambda a, b: ms[a] / ms[b] if ms[a] and ms[b] else None  # noqa: E731
+        result = {"name": entry["pair"]["name"], "ours_ms": ms["ours"], "compiled_ms": ms["compiled"],
+                  "plain_ms": ms["plain"], "plain_compiled_ms": ms["plain_compiled"],
+                  "ratio": ratio("ours", "plain"), "compiled_ratio": ratio("compiled", "plain"),
+                  "compiled_vs_plain_compiled": ratio("compiled", "plain_compiled"),
+                  "trace_seconds": entry["trace_s"], "torch_compile_seconds": entry["compile_s"],
+                  "torch_compile_failed": entry["why"] or None, "compiled_off": entry["compiled"].reason or None,
+                  "repeats": len(entry["times"]["ours"])}
+        results.append(result)
+        fmt = lambda v, unit=" ms": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+        echo(f"step  {result['name']:40} ours {fmt(ms['ours'])}, compiled {fmt(ms['compiled'])}; plain "
+             f"{fmt(ms['plain'])}, torch.compile'd {fmt(ms['plain_compiled'])}; ratios "
+             f"{fmt(result['ratio'], 'x')}, compiled {fmt(result['compiled_ratio'], 'x')} "
+             f"({fmt(result['compiled_vs_plain_compiled'], 'x')} of torch.compile'd); trace {entry['trace_s']:.2f} s"
+             + (f", torch.compile {entry['compile_s']:.1f} s" if entry["compile_s"] else "")
+             + (f" (torch.compile failed: {entry['why']})" if entry["why"] else ""))
     return results
 
 
@@ -203,7 +249,7 @@ def _memory_probe(particles: int, images: int, device: torch.device) -> None:
     model = build_model("vae", 784, {}).to(device)
     x = torch.bernoulli(torch.full((images, 784), 0.2, device=device))
     if particles:  # 0: the process's own footprint, for reference
-        estimate_bounds(model.model, model.guide, x, particles)
+        estimate_bounds(model.model, model.guide, x, particles, compile=True)
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated() / 2 ** 20)
     else:  # the high-water mark of this process's own memory (ru_maxrss would include the parent's)
@@ -212,25 +258,34 @@ def _memory_probe(particles: int, images: int, device: torch.device) -> None:
 
 
 def bench_eval(device: torch.device, x: torch.Tensor, particles: int, memory_images: int,
-               memory_particles: tuple[int, ...], echo: Callable[[str], None]) -> dict[str, Any]:
-    """Our estimator's rate on ``x`` against the matmul-bound rate, and peak memory."""
+               memory_particles: tuple[int, ...], echo: Callable[[str], None], blocks: int = 10) -> dict[str, Any]:
+    """Our estimator's rate on ``x``, eager and compiled in alternating blocks of images
+    (each mode sees every image once), against the matmul-bound rate, and peak memory."""
     sync = _sync_for(device)
     torch.manual_seed(0)
     model = build_model("vae", 784, {}).to(device)
     bound = matmul_rate(model, device, rows=2000, repeats=20)  # before: the machine as the run finds it
-    sync()
-    start = time.perf_counter()
-    estimate_bounds(model.model, model.guide, x, particles)
-    sync()
-    seconds = time.perf_counter() - start
+    seconds = {"eager": 0.0, "compiled": 0.0}
+    size = -(-x.shape[0] // blocks)
+    for i, start in enumerate(range(0, x.shape[0], size)):
+        for mode in ("eager", "compiled") if i % 2 == 0 else ("compiled", "eager"):
+            sync()
+            t = time.perf_counter()
+            estimate_bounds(model.model, model.guide, x[start : start + size], particles, seed=i,
+                            compile=mode == "compiled")
+            sync()
+            seconds[mode] += time.perf_counter() - t
     bound = max(bound, matmul_rate(model, device, rows=2000, repeats=20))  # and after
-    rate = x.shape[0] * particles / seconds
-    result = {"images": x.shape[0], "particles": particles, "seconds": seconds, "rate": rate,
-              "matmul_rate": bound, "share_of_matmul_rate": rate / bound,
+    rate = {mode: x.shape[0] * particles / s for mode, s in seconds.items()}
+    result = {"images": x.shape[0], "particles": particles, "blocks": blocks,
+              "seconds": seconds["eager"], "rate": rate["eager"], "share_of_matmul_rate": rate["eager"] / bound,
+              "compiled_seconds": seconds["compiled"], "compiled_rate": rate["compiled"],
+              "compiled_share_of_matmul_rate": rate["compiled"] / bound, "matmul_rate": bound,
               "decoder_flops_per_pair": decoder_flops(model),
               "peak_memory_mb": {str(k): peak_memory_mb(k, memory_images, device.type) for k in (0, *memory_particles)}}
-    echo(f"eval  {x.shape[0]} images x K={particles}: {seconds:.1f} s, {rate:,.0f} pairs/s; matmul bound "
-         f"{bound:,.0f} pairs/s ({rate / bound:.0%}); peak memory "
+    echo(f"eval  {x.shape[0]} images x K={particles}: eager {seconds['eager']:.1f} s, {rate['eager']:,.0f} pairs/s "
+         f"({rate['eager'] / bound:.0%}); compiled {seconds['compiled']:.1f} s, {rate['compiled']:,.0f} pairs/s "
+         f"({rate['compiled'] / bound:.0%} of the matmul bound, {bound:,.0f} pairs/s); peak memory "
          + ", ".join(f"K={k}: {v:.0f} MB" for k, v in result["peak_memory_mb"].items()) + " (K=0: no evaluation)")
     return result
 
@@ -256,10 +311,11 @@ def bench_epoch(device: torch.device, dataset: str, data_dir: str | None, echo: 
     data_seconds = time.perf_counter() - start
     objective = make_objective("meanfield", 1)
     optimizer = make_optimizer(model.parameters(), train.lr)
+    step_loss = CompiledLoss(model, objective, 1.0, enabled=train.compile)  # as the loop runs it
     with pyro.validation_enabled(False):
         start = time.perf_counter()
         for batch in batches:
-            _timed_step(lambda b=batch: model.training_loss(objective, b, 1.0), optimizer, lambda: None)
+            _timed_step(lambda b=batch: step_loss(b, 1.0), optimizer, lambda: None)
         sync()
         step_seconds = time.perf_counter() - start
     result = {"dataset": Path(dataset).name, "steps": len(batches), "epoch_seconds": epoch, "fit_wall_seconds": wall,
@@ -277,21 +333,28 @@ def markdown(results: dict[str, Any]) -> str:
     """The README's performance table. The epoch row gives the parts measured directly
     (batches alone, the scoring's own clock); the steps alone are timed separately and
     their difference to the loop is within the machine's noise."""
-    lines = ["| measurement | ours | yardstick | ratio |", "| --- | ---: | ---: | ---: |"]
+    ms = lambda v: "-" if v is None else f"{v:.2f} ms"  # noqa: E731
+    ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines = ["| measurement | ours, eager | ours, compiled | yardstick | ratio eager | ratio compiled |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for s in results["step"]:
-        lines.append(f"| step: {s['name']} | {s['ours_ms']:.2f} ms | {s['plain_ms']:.2f} ms plain | {s['ratio']:.2f}x |")
+        plain_c = f"; {ms(s['plain_compiled_ms'])} torch.compile'd" if s.get("plain_compiled_ms") else ""
+        vs_c = f" ({ratio(s['compiled_vs_plain_compiled'])} of torch.compile'd)" if s.get("plain_compiled_ms") else ""
+        lines.append(f"| step: {s['name']} | {ms(s['ours_ms'])} | {ms(s['compiled_ms'])} | "
+                     f"{ms(s['plain_ms'])} plain{plain_c} | {ratio(s['ratio'])} | {ratio(s['compiled_ratio'])}{vs_c} |")
     e = results["eval"]
     lines.append(f"| log p(x), {e['images']} images x K={e['particles']} | {e['rate']:,.0f} pairs/s "
-                 f"({e['seconds']:.1f} s) | {e['matmul_rate']:,.0f} pairs/s matmul bound | "
-                 f"{e['share_of_matmul_rate']:.0%} |")
+                 f"({e['seconds']:.1f} s) | {e['compiled_rate']:,.0f} pairs/s ({e['compiled_seconds']:.1f} s) | "
+                 f"{e['matmul_rate']:,.0f} pairs/s matmul bound | {e['share_of_matmul_rate']:.0%} | "
+                 f"{e['compiled_share_of_matmul_rate']:.0%} |")
     base = e["peak_memory_mb"]["0"]
     for k, mb in e["peak_memory_mb"].items():
         if k != "0":
-            lines.append(f"| peak memory, K={k} | {mb:,.0f} MB | {base:,.0f} MB without evaluating | |")
+            lines.append(f"| peak memory, K={k} | | {mb:,.0f} MB | {base:,.0f} MB without evaluating | | |")
     p = results["epoch"]
-    lines.append(f"| epoch of {p['dataset']} ({p['steps']} steps) | {p['epoch_seconds']:.2f} s "
+    lines.append(f"| epoch of {p['dataset']} ({p['steps']} steps) | | {p['epoch_seconds']:.2f} s "
                  f"({p['loop_steps_seconds']:.2f} s in the steps loop) | {p['steps_seconds']:.2f} s steps alone | "
-                 f"batches {p['batches_share']:.1%}, end-of-epoch scoring {p['scoring_share']:.1%} |")
+                 f"batches {p['batches_share']:.1%}, end-of-epoch scoring {p['scoring_share']:.1%} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -301,13 +364,15 @@ def markdown(results: dict[str, Any]) -> str:
 @click.option("--rounds", default=10, show_default=True, help="interleaved rounds of the step benchmark")
 @click.option("--steps", default=5, show_default=True, help="timed steps per pair and round")
 @click.option("--iw", "particles", default=5000, show_default=True, help="importance samples of the evaluation")
+@click.option("--torch-compile/--no-torch-compile", default=None,
+              help="time the plain steps through torch.compile too (default: yes, except with --quick)")
 @click.option("--data-dir", default=None, help="dataset folder (default: $PYRO_VAE_DATA)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("experiments/results/benchmark"),
               show_default=True)
 @click.option("--memory-probe", type=int, default=None, hidden=True)
 @click.option("--probe-images", type=int, default=200, hidden=True)
-def main(quick: bool, device: str, rounds: int, steps: int, particles: int, data_dir: str | None, out: Path,
-         memory_probe: int | None, probe_images: int) -> None:
+def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torch_compile: bool | None,
+         data_dir: str | None, out: Path, memory_probe: int | None, probe_images: int) -> None:
     dev = torch.device(device)
     if memory_probe is not None:
         _memory_probe(memory_probe, probe_images, dev)
@@ -318,7 +383,8 @@ def main(quick: bool, device: str, rounds: int, steps: int, particles: int, data
                                "threads": torch.get_num_threads(), "quick": quick}
     if quick:
         rounds, steps = 1, 2
-    results["step"] = bench_steps(dev, rounds, steps, quick, click.echo)
+    results["step"] = bench_steps(dev, rounds, steps, quick, click.echo,
+                                  not quick if torch_compile is None else torch_compile)
     if quick:
         x = torch.as_tensor(toy_binary_images(50, 28, 0)[0], dtype=torch.float32).reshape(50, 784).to(dev)
         results["eval"] = bench_eval(dev, x, 50, 20, (50, 500), click.echo)

@@ -39,6 +39,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
+from .compiled import Compiled
 from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
 from .keyed import DrawKeys, KeyedNoise
 
@@ -144,14 +145,39 @@ def importance_traces(
                 log_joint = log_joint - _site_log_prob(site)
 
     # sum out enumerated variables: every dimension left of (particles, data)
-    shape = torch.broadcast_shapes(log_joint.shape, torch.as_tensor(log_lik).shape,
-                                   (num_particles, batch))
+    if not isinstance(log_lik, torch.Tensor):  # no observed site
+        log_lik = log_joint.new_zeros(())
+    shape = torch.broadcast_shapes(log_joint.shape, log_lik.shape, (num_particles, batch))
     log_joint = log_joint.expand(shape).reshape(-1, num_particles, batch)
-    log_lik = torch.as_tensor(log_lik, device=log_joint.device).expand(shape).reshape(log_joint.shape)
+    log_lik = log_lik.expand(shape).reshape(log_joint.shape)
     if log_joint.shape[0] == 1:
         return log_joint[0], log_lik[0], guide_trace
     posterior = torch.softmax(log_joint, dim=0)
     return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
+
+
+def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, log: Callable[[str], None] | None,
+                   kwargs: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, ...]]:
+    """``(x, index, first particle, particles) -> log_weights`` of one chunk with keyed
+    draws: eager, or through a ``Compiled`` trace keyed by the chunk's shape."""
+    def eager(x: torch.Tensor, index: torch.Tensor, first: Any, n: int) -> tuple[torch.Tensor, ...]:
+        return log_weights(model, guide, x, n, keys=DrawKeys(seed, index, first), **kwargs)
+
+    family = getattr(model, "__self__", None)
+    if not compile:
+        return eager
+    if not isinstance(family, torch.nn.Module) or kwargs:
+        if log:
+            log("compiled evaluator chunk off, running eagerly: it needs the model as a method of its module, "
+                "and no extra arguments")
+        return eager
+    compiled = Compiled(family, "evaluator chunk", log)
+
+    def traced(x: torch.Tensor, index: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...]:
+        first_t = torch.tensor(first, dtype=torch.int64, device=x.device)
+        return compiled(lambda *ts: eager(*ts, n), (x, index, first_t), (n, seed))
+
+    return traced
 
 
 class _IWAEGroups:
@@ -321,6 +347,8 @@ def estimate_bounds(
     progress: Callable[[int], None] | None = None,
     seed: int | None = None,
     index: torch.Tensor | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> BoundEstimates:
     """ELBO, the IWAE-k sweep and log p(x) for every row of ``data``.
@@ -339,6 +367,12 @@ def estimate_bounds(
     rows beside it or the process that scores it. ``index`` names the rows (default
     0..N-1; evaluation passes their rows in the split); ``seed`` None takes one from
     torch's global generator.
+
+    With ``compile`` the chunk's computation is traced once per shape and run as a graph
+    (``compiled.Compiled``: the same weights to the bit, checked against eager code on the
+    second chunk of each shape); it needs ``model`` to be a bound method of the family,
+    and falls back to eager code otherwise, or where the trace fails, saying why to
+    ``log``. Enumerated sites are summed out inside the traced chunk as in eager code.
     """
     if num_particles < 1:
         raise ValueError(f"the number of importance samples must be at least 1, got {num_particles}")
@@ -355,6 +389,8 @@ def estimate_bounds(
     parts: dict[str, list[torch.Tensor]] = {}
     dtype = torch.get_default_dtype()  # then that of the log weights
 
+    chunk_weights = _chunk_weights(model, guide, seed, compile, log, kwargs)
+
     def keep(name: str, value: torch.Tensor) -> None:
         parts.setdefault(name, []).append(value.to("cpu", dtype))
 
@@ -367,8 +403,7 @@ def estimate_bounds(
         for k0 in range(0, num_particles, chunk):
             # argument and support checks on the first chunk only: they cost ~20% of the time
             with pyro.validation_enabled(start == 0 and k0 == 0):
-                keys = DrawKeys(seed, index[start : start + batch_size], k0)
-                w, lik = log_weights(model, guide, x, min(chunk, num_particles - k0), keys=keys, **kwargs)
+                w, lik = chunk_weights(x, index[start : start + batch_size], k0, min(chunk, num_particles - k0))
             dtype, w = w.dtype, w.double()
             weights.update(w)
             for g in groups:

@@ -177,14 +177,16 @@ def _process_group(backend: str, device: str) -> Any:
     0 prints the errors that every process meets alike; the others exit with their status
     without a word, unless the error is theirs alone (a lost peer)."""
     world = distributed.init(backend, device)
+    done = False
     try:
         yield world
+        done = True
     except PyroVAEError as e:
         if not world.reports(e):
             raise click.exceptions.Exit(e.exit_code) from None
         raise
     finally:
-        distributed.finish()
+        distributed.finish(together=done)
 
 
 def _runtime_options() -> list[click.Option]:
@@ -214,10 +216,12 @@ def _with_runtime(f: Any) -> Any:
               help="(image, sample) pairs through the networks at once: bounds memory")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
+@click.option("--compile/--no-compile", default=True, show_default=True,
+              help="trace each chunk of the estimate once per shape and run the trace (the same numbers, faster)")
 @_with_runtime
 @click.option("--backend", type=_BACKEND.type, default=_BACKEND.default, show_default=True, help=_BACKEND.help)
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
-             max_rows: int, seed: int, output: str | None, data_dir: str | None, device: str,
+             max_rows: int, seed: int, output: str | None, compile: bool, data_dir: str | None, device: str,
              download: bool, backend: str) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples.
     Each image's draws are keyed by the seed and its row in the split, so its estimates do
@@ -235,7 +239,8 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
         bar = click.progressbar(length=share, label=f"log p(x), K={iw}", file=sys.stderr)
         with bar if world.main else contextlib.nullcontext():
             summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size, max_rows=max_rows,
-                                        progress=bar.update if world.main else None, index=index)
+                                        progress=bar.update if world.main else None, index=index, compile=compile,
+                                        log=(lambda m: click.echo(m, err=True)) if world.main else None)
         if world.main:
             _write_evaluation(summary, est, out, checkpoint, split, index)
 

@@ -247,10 +247,15 @@ def current() -> World:
     return _WORLD
 
 
-def finish() -> None:
-    """Leave the process group (at the end of a command)."""
+def finish(together: bool = False) -> None:
+    """Leave the process group (at the end of a command). ``together``, after a command
+    that succeeded everywhere: wait for every process first, so that none tears the group
+    down (rank 0 holds its store) while another still uses it, which could abort a process
+    at exit."""
     global _WORLD
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
     _WORLD = World()

@@ -43,7 +43,8 @@ def nonempty_split(data: Dataset, split: str) -> torch.Tensor:
 def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_particles: int, *,
                  seed: int = 0, ks: Sequence[int] | None = None, batch_size: int = 100,
                  max_rows: int = 2_000, progress: Callable[[int], None] | None = None,
-                 index: torch.Tensor | None = None) -> tuple[dict[str, Any] | None, BoundEstimates | None]:
+                 index: torch.Tensor | None = None, compile: bool = True,
+                 log: Callable[[str], None] | None = None) -> tuple[dict[str, Any] | None, BoundEstimates | None]:
     """ELBO, IWAE-k sweep and log p(x) with ``num_particles`` importance samples for every
     row of ``x`` (from ``split_data``), plus the family's metrics (e.g. accuracy, when
     ``labels`` are given). Returns the summary (as written to JSON) and the per-image
@@ -52,7 +53,9 @@ def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_par
     The draws of each image are keyed by (``seed``, its row in the split: ``index``, by
     default 0..N-1), so an image's estimates are the same in any batch, chunk, subset or
     process. Under ``torchrun`` each process scores a contiguous block of the images and
-    rank 0 gathers them: it returns the results, the other processes (None, None)."""
+    rank 0 gathers them: it returns the results, the other processes (None, None).
+    ``compile`` runs each chunk as a trace (``bounds.estimate_bounds``: the same numbers,
+    faster); ``log`` hears of its trace times, and of a fallback to eager code."""
     world = current_world()
     if world.size > x.shape[0]:
         raise DataError(f"{x.shape[0]} images cannot be shared among {world.size} processes: start at most "
@@ -62,7 +65,7 @@ def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_par
     start = time.perf_counter()
     est = estimate_bounds(run.model.model, run.model.guide, x[mine], num_particles, ks=ks,
                           batch_size=batch_size, max_rows=max_rows, progress=progress, seed=seed,
-                          index=index[mine])
+                          index=index[mine], compile=compile, log=log)
     parts = world.gather(est)
     if parts is None:
         return None, None

@@ -56,7 +56,7 @@ class DrawKeys:
 
     seed: int
     index: torch.Tensor
-    first_particle: int = 0
+    first_particle: int | torch.Tensor = 0  # a 0-d tensor in a traced chunk (``compiled``), where an int would be baked in
 
 
 def keyed_normal(keys: DrawKeys, site: str, shape: torch.Size, particle_axis: int, data_axis: int,
@@ -68,7 +68,7 @@ def keyed_normal(keys: DrawKeys, site: str, shape: torch.Size, particle_axis: in
     base = torch.tensor(_signed((keys.seed * 0x100000001B3 + zlib.crc32(site.encode())) % (1 << 64)),
                         dtype=torch.int64, device=device)
     h = _mix(_mix(base + _GOLDEN) ^ keys.index.to(device, torch.int64))  # (B,)
-    particles = torch.arange(keys.first_particle, keys.first_particle + P, device=device)
+    particles = torch.arange(P, device=device) + keys.first_particle
     h = _mix(h ^ (particles.unsqueeze(-1) * _GOLDEN))  # (P, B)
     h = _mix(h.unsqueeze(-1) ^ torch.arange(math.prod(rest), device=device))  # (P, B, rest)
     # 53 bits as (2u - 1) in (-1, 1), u = (k + 1/2) 2^-53: normal tails to 8.3 sd; erfinv is

@@ -72,6 +72,10 @@ class DReGObjective(RenyiObjective):
     bound. Guides that enumerate (the SSVAE's) are refused: their weights mix draws.
     """
 
+    #: for ``compiled``: the hooks on the draws are not part of a trace
+    traceable = False
+    untraceable_reason = "the dreg objective's gradient hooks on the draws cannot be traced"
+
     def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1):
         super().__init__(num_particles, 0.0, max_plate_nesting)
 

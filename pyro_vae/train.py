@@ -38,6 +38,7 @@ from .errors import ConfigError, DataError, Flag, Interrupted, RunError, Trainin
 from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
+from .compiled import CompiledLoss
 from .runs import RunDir, check_writable, load_model_state
 
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
@@ -76,6 +77,9 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the global gradient norm to this")
     seed: int = option(0, "seed of the weights, the batches and the binarization")
     eval_size: int = option(10_000, "train and validation images scored after each epoch")
+    compile: bool = option(True, "trace the Pyro objective once per batch shape and run the trace: the same "
+                           "loss and gradients without Pyro's per-step Python (falls back to eager code, "
+                           "saying why, where it cannot apply)")
 
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
         """The dataset this config trains on, binarized and split as it says."""
@@ -406,6 +410,7 @@ class Session:
     data: Dataset
     device: torch.device
     objective: Any
+    step_loss: CompiledLoss  # the objective of one step, compiled unless --no-compile
     optimizer: torch.optim.Optimizer
     scheduler: Any
     steps_per_epoch: int
@@ -427,9 +432,11 @@ class Session:
         optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule])
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
+        objective = make_objective(train.objective, train.particles, train.alpha)
+        log = log if log and world.main else lambda message: None
         return cls(
             run=run, config=config, train=train, model=model, data=data, device=device,
-            objective=make_objective(train.objective, train.particles, train.alpha),
+            objective=objective, step_loss=CompiledLoss(model, objective, train.beta, log, train.compile),
             optimizer=optimizer,
             scheduler=make_scheduler(optimizer, train),
             steps_per_epoch=model.steps_per_epoch(data, train.batch_size),
@@ -437,7 +444,7 @@ class Session:
             valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
             valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
             image_shape=as_chw(config["data"]["image_shape"]),
-            log=(log if log and world.main else lambda message: None), progress=progress and world.main,
+            log=log, progress=progress and world.main,
             world=world, board=_tensorboard(run.path / "tensorboard") if world.main else None,
         )
 
@@ -531,6 +538,7 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _S
     params = list(s.model.parameters())
     batches = s.model.training_batches(s.data, train.batch_size, state.epoch, train.seed, s.device,
                                        start=state.batch)
+    s.step_loss.compiled.recheck()  # each trace verified against eager code once an epoch
     bar = click.progressbar(length=s.steps_per_epoch - state.batch, file=sys.stderr,
                             label=f"epoch {state.epoch + 1}/{train.epochs}")
     with bar if s.progress else contextlib.nullcontext():
@@ -543,7 +551,7 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _S
                 # Pyro's and torch's argument checks cost time on every step: they run on
                 # the first step of each session only, to catch a malformed model early.
                 with pyro.validation_enabled(state.step == first_step):
-                    loss = s.model.training_loss(s.objective, shard, kl_weight)
+                    loss = s.step_loss(shard, kl_weight)
                 loss.backward()
                 loss_sum = loss.item()
             # one all-reduce: the gradients, the loss and whether a stop was asked for anywhere

@@ -55,7 +55,9 @@ def diag_normal_table(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -
     dimensions, the error reached 0.35 nats)."""
     zz, m, s = z.double(), loc.double(), scale.double()
     inv_var = s.pow(-2)
-    const = -0.5 * (m * m * inv_var).sum(-1) - s.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+    # log 2 pi per dimension summed as a float64 tensor: a traced loc.shape[-1] (``compiled``)
+    # would turn the product into float32 arithmetic
+    const = -((0.5 * m * m * inv_var + 0.5 * math.log(2 * math.pi)).sum(-1) + s.log().sum(-1))
     # one product: [z^2, z, 1] against [-inv_var / 2, m * inv_var, const]
     features = torch.cat([zz * zz, zz, torch.ones_like(zz[..., :1])], -1)
     weights = torch.cat([-0.5 * inv_var, m * inv_var, const.unsqueeze(-1)], -1)

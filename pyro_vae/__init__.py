@@ -10,6 +10,7 @@ process never share weights by name and plain torch optimizers apply.
 import pyro
 
 from .bounds import BoundEstimates, estimate_bounds, log_weights
+from .compiled import CompiledLoss
 from .data import Dataset, load_dataset
 from .errors import PyroVAEError
 from .guides import GUIDES, make_flow
@@ -24,7 +25,7 @@ pyro.settings.set(module_local_params=True)
 
 __version__ = "0.1.0"
 __all__ = [
-    "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
+    "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "CompiledLoss", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
     "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "M1M2", "M1M2Config", "load_run", "log_weights",
     "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
     "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",

@@ -229,3 +229,11 @@ def test_adgm_class_draws_scores_each_number_of_draws(tiny_labelled, tmp_path):
     for folder, fragment in ((tmp_path / "empty", "not a run directory"), (vae, "truncated or corrupt")):
         refused = CliRunner().invoke(script.main, [str(folder)])
         assert refused.exit_code == 2 and fragment in refused.output and "Traceback" not in refused.output
+
+
+def test_compiled_exactness_measures_default_sizes():
+    script = load_script("compiled_exactness")
+    vae = script.measure("vae", "meanfield")
+    assert vae["compiled"] and vae["exact"] and vae["loss_difference"] == 0
+    ssvae = script.measure("ssvae", "enum")
+    assert ssvae["compiled"] and ssvae["largest_relative_gradient_difference"] < 1e-5

@@ -120,7 +120,8 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     a, b = a.detach(), b.detach()
-    scale = float(b.abs().max()) if b.numel() else 0.0
+    finite = b[torch.isfinite(b)]  # a diverged step's nan and inf must match, and not set the scale
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE * scale, equal_nan=True))
 
 

@@ -218,3 +218,17 @@ def test_no_compile_on_the_command_line(tiny_npy, tmp_path):
         outs.append(out.read_text())
     strip = lambda text: [line for line in text.splitlines() if '"seconds"' not in line]  # noqa: E731
     assert strip(outs[0]) == strip(outs[1])
+
+
+def test_a_diverged_step_is_compared_without_error():
+    """nan and inf gradients (a loss that diverged) agree with themselves; the loop then
+    reports the divergence as it does eagerly."""
+    model, obj = family("vae"), make_objective("meanfield")
+    compiled = CompiledLoss(model, obj, 1.0)
+    x = batches(model, n=1)[0]
+    with pyro.validation_enabled(False):
+        compiled(x, 1.0)
+        with torch.no_grad():
+            next(model.decoder.parameters()).fill_(float("nan"))
+        loss = compiled(x, 1.0)  # the verification step
+    assert torch.isnan(loss) and compiled.compiled.enabled

@@ -26,12 +26,14 @@ branch taken on the values of a tensor. Hence:
 - traces are cached per signature: the shapes, dtypes and devices of the tensor
   arguments, the other arguments, the module's training mode and the grad mode. A new
   signature (the short last batch of an epoch) gets a trace of its own;
-- a new trace runs eager for the step it was traced on, and on the next call of its
-  signature (other data, so a baked branch would show) the trace and eager code run from
-  the same generator state and must agree, value and gradients, before the trace is
-  trusted; ``recheck`` (the training loop calls it at every epoch) asks for that again;
+- a new trace gives the result of the call it was traced on (after one eager run for
+  Pyro's argument checks when validation is on), and on the next call of its signature
+  (other data, so a baked branch would show) the trace and eager code run from the same
+  generator state and must agree, value and gradients, or the trace is dropped;
+  ``recheck`` (the training loop calls it at every epoch) asks for that again;
 - anything that fails turns the compiled path off for good with a one-line notice, and
-  the eager code runs: compilation changes speed, never results.
+  the eager code runs: compilation changes speed, not results (beyond the float
+  rounding described above).
 
 Pyro's ELBOs call ``.item()`` on a surrogate to return the loss's value beside its
 gradient (``loss + (surrogate - item(surrogate))``); traced, that item would be a
@@ -82,10 +84,6 @@ def traceable_pyro() -> Iterator[None]:
     finally:
         for m, item in zip(modules, saved):
             m.torch_item = item
-
-
-class NotTraceable(Exception):
-    """Raised (and caught) when a function cannot be traced correctly."""
 
 
 class _Graph(torch.nn.Module):

@@ -163,9 +163,9 @@ def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, l
     def eager(x: torch.Tensor, index: torch.Tensor, first: Any, n: int) -> tuple[torch.Tensor, ...]:
         return log_weights(model, guide, x, n, keys=DrawKeys(seed, index, first), **kwargs)
 
-    family = getattr(model, "__self__", None)
     if not compile:
         return eager
+    family = getattr(model, "__self__", None)
     if not isinstance(family, torch.nn.Module) or kwargs:
         if log:
             log("compiled evaluator chunk off, running eagerly: it needs the model as a method of its module, "

@@ -100,14 +100,19 @@ class _Graph(torch.nn.Module):
         return self.fn(*tensors)
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The state of torch's generators that ``device``'s draws use (as checkpoints keep it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back a state from ``rng_state``."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _outputs(value: Any) -> tuple[torch.Tensor, ...]:
@@ -166,11 +171,15 @@ class Compiled:
             return fn(*tensors)
         key = (statics, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
                self.module.training, torch.is_grad_enabled(), torch.get_default_dtype())
-        graph = self.traces.get(key)
+        try:
+            graph = self.traces.get(key)
+        except TypeError:  # a non-tensor argument that is not hashable, as a list is
+            self.disable(f"its non-tensor arguments cannot key a cache of traces ({_first_line(statics)[:80]})")
+            return fn(*tensors)
         if graph is None:
             graph = self._trace(key, fn, tensors) if len(self.traces) < self.MAX_TRACES else None
         elif key in self.unverified:
-            return self._verify(graph, fn, tensors)
+            return self._verify(key, graph, fn, tensors)
         if graph is None:
             return fn(*tensors)
         self.graph_calls += 1
@@ -179,11 +188,11 @@ class Compiled:
 
     def _trace(self, key: Any, fn: Callable[..., Any], tensors: tuple[torch.Tensor, ...]) -> Any:
         device = _device(self.module)
-        state = _rng_state(device)
+        state = rng_state(device)
         try:
             if is_validation_enabled():  # the checks of eager code; the trace has none
                 fn(*tensors)
-                _set_rng_state(state, device)
+                set_rng_state(state, device)
             start = time.perf_counter()
             with warnings.catch_warnings(), pyro.validation_enabled(False), traceable_pyro():
                 # shape checks and constants from Python numbers warn at every trace; what they
@@ -192,39 +201,39 @@ class Compiled:
                 warnings.filterwarnings("ignore", message=".*torch.jit.trace.*deprecated")
                 graph = torch.jit.trace(_Graph(self.module, fn), tensors, check_trace=False)
         except Exception as e:  # anything torch.jit.trace cannot record
-            _set_rng_state(state, device)
+            set_rng_state(state, device)
             self.disable(f"{self.what} cannot be traced ({type(e).__name__}: {_first_line(e)})")
             return None
         seconds = time.perf_counter() - start
-        _set_rng_state(state, device)
+        set_rng_state(state, device)
         self.trace_seconds += seconds
         self.traces[key] = graph
         self.unverified.add(key)
         self.log(f"traced the {self.what} for inputs ({', '.join(_shape(t) for t in tensors)}) in {seconds:.2f} s")
         return graph
 
-    def _verify(self, graph: Any, fn: Callable[..., Any], tensors: tuple[torch.Tensor, ...]) -> Any:
+    def _verify(self, key: Any, graph: Any, fn: Callable[..., Any], tensors: tuple[torch.Tensor, ...]) -> Any:
         """The trace's result, once eager code has given the same from the same generator
         state: outputs and, with grad enabled, the gradients of the first output's sum
         with respect to every parameter; eager code's result if not."""
         device = _device(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        state = _rng_state(device)
+        state = rng_state(device)
         try:
             with torch.jit.optimized_execution(False):
                 result = graph(*tensors)
             traced = _outputs(result)
             traced_grads = _grads(traced[0], params, retain=True)
         except Exception as e:
-            _set_rng_state(state, device)
+            set_rng_state(state, device)
             self.disable(f"its trace fails on new data ({type(e).__name__}: {_first_line(e)})")
             return fn(*tensors)
-        _set_rng_state(state, device)
+        set_rng_state(state, device)
         eager_result = fn(*tensors)
         eager = _outputs(eager_result)
         if len(traced) == len(eager) and all(map(_same, traced, eager)) \
                 and all(map(_same, traced_grads, _grads(eager[0], params, retain=True))):
-            self.unverified = {k for k in self.unverified if self.traces[k] is not graph}
+            self.unverified.discard(key)
             self.graph_calls += 1
             return result
         self.disable("its trace gives other values than eager code on new data (control flow that depends "

@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, Flag, Interrupted, RunError, Trainin
 from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
-from .compiled import CompiledLoss
+from .compiled import CompiledLoss, rng_state, set_rng_state
 from .runs import RunDir, check_writable, load_model_state
 
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
@@ -183,19 +183,6 @@ def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int
         for i in range(0, x.shape[0], batch_size):
             total += objective.loss(model.model, model.guide, x[i : i + batch_size])
     return -total / x.shape[0]
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _train_config(values: dict[str, Any], where: str = "") -> TrainConfig:
@@ -368,7 +355,7 @@ class TrainState:
     def save(self, session: Session) -> None:
         """Write the full checkpoint of the session at this state (every process calls it;
         rank 0 writes, with each process's RNG state)."""
-        rngs = session.world.gather(_rng_state(session.device))
+        rngs = session.world.gather(rng_state(session.device))
         if not session.world.main:
             return
         session.run.save_checkpoint({
@@ -391,9 +378,9 @@ class TrainState:
         world = session.world
         rngs = checkpoint.get("process_rngs") or [checkpoint["rng"]]
         if len(rngs) == world.size:
-            _set_rng_state(rngs[world.rank], session.device)  # the same processes: exactly as it was
+            set_rng_state(rngs[world.rank], session.device)  # the same processes: exactly as it was
         else:
-            _set_rng_state(checkpoint["rng"], session.device)
+            set_rng_state(checkpoint["rng"], session.device)
             _fork_process_rng(session, state.step)
         return state
 

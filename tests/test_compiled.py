@@ -232,3 +232,14 @@ def test_a_diverged_step_is_compared_without_error():
             next(model.decoder.parameters()).fill_(float("nan"))
         loss = compiled(x, 1.0)  # the verification step
     assert torch.isnan(loss) and compiled.compiled.enabled
+
+
+def test_unhashable_extra_arguments_run_eagerly_with_one_notice():
+    model = family("vae")
+    notices = []
+    generic = Compiled(model, "read-out", notices.append)
+    x = batches(model, n=1)[0][0]
+    for _ in range(2):
+        out = generic(lambda x: model.encoder(x)[0], (x,), ([1, 2],))
+        assert torch.equal(out, model.encoder(x)[0])
+    assert len(notices) == 1 and "cannot key a cache" in notices[0]

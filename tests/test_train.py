@@ -88,6 +88,42 @@ def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monk
     assert strip(resumed.history) == strip(full.history)
 
 
+def test_curves_are_redrawn_at_most_every_so_often_and_at_the_end(tiny_npy, tmp_path, monkeypatch):
+    """Drawing curves.png costs a tenth of an MNIST epoch: with a long interval it is drawn
+    after the first epoch and the last only, with none every epoch, and at a stop."""
+    from pyro_vae import plots, train
+
+    drawn = []
+    monkeypatch.setattr(plots, "bound_curves", lambda history, path, title: drawn.append(len(history)))
+    monkeypatch.setattr(train, "CURVES_SECONDS", 1e9)
+    fit("vae", SMALL, config(tiny_npy, epochs=4), tmp_path / "long", device="cpu")
+    assert drawn == [1, 4]
+    drawn.clear()
+    resume(tmp_path / "long", epochs=6, device="cpu")  # a new session draws its first epoch too
+    assert drawn == [5, 6]
+    drawn.clear()
+    monkeypatch.setattr(train, "CURVES_SECONDS", 0.0)
+    fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "every", device="cpu")
+    assert drawn == [1, 2, 3]
+
+    drawn.clear()
+    monkeypatch.setattr(train, "CURVES_SECONDS", 1e9)
+    original = Dataset.train_batches
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 21:  # during epoch 3 (9 batches an epoch)
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    with pytest.raises(Interrupted):
+        fit("vae", SMALL, config(tiny_npy, epochs=5), tmp_path / "cut", device="cpu")
+    assert drawn == [1, 2]  # after epoch 1, and at the stop with the two finished epochs
+
+
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_npy, tmp_path):
     def poison(line):

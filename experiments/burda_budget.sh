@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The IWAE paper's training budget (Burda et al. 2016: 3,280 passes, --lr-schedule burda)
+# for the README's VAE and IWAE k=5 rows on statically binarized MNIST, batches of 100,
+# then log p(x) with 5000 importance samples per test image; the run's config, metrics,
+# curves and evaluation are copied to experiments/results/burda-ROW/.
+# Each row takes hours on two cores. Stop it at any time (Ctrl-C, SIGTERM, or the machine
+# going away between epochs): run the same command again and it continues where the
+# checkpoint left off, with the same result as an uninterrupted run. Each piece's wall time
+# is appended to RUN.pieces.
+# Usage: bash experiments/burda_budget.sh ROW...   (ROW: vae or iwae5)
+#   both at once on two cores, a thread each:
+#   OMP_NUM_THREADS=1 bash experiments/burda_budget.sh vae & OMP_NUM_THREADS=1 bash experiments/burda_budget.sh iwae5
+# (PYRO_VAE_DATA as usual; RUNS=folder of the run directories, default runs)
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 vae|iwae5 ..." >&2; exit 2; }
+bin=$(dirname "$(command -v pyro-vae || echo .venv/bin/pyro-vae)")
+runs=${RUNS:-runs}
+epochs_done() { if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
+for row in "$@"; do
+    case $row in
+        vae) fit=(vae) ;;
+        iwae5) fit=(iwae --particles 5) ;;
+        *) echo "unknown row $row: use vae or iwae5" >&2; exit 2 ;;
+    esac
+    run=$runs/burda-$row
+    if [ -f "$run/checkpoint.pt" ]; then
+        args=(fit "${fit[0]}" --run-dir "$run" --resume)
+    else
+        args=(fit "${fit[@]}" --dataset binarized-mnist --lr-schedule burda --epochs 3280 --run-dir "$run")
+    fi
+    done_epochs=$(epochs_done "$run")
+    if [ "$done_epochs" -lt 3280 ]; then
+        start=$(date +%s) status=0
+        "$bin/pyro-vae" "${args[@]}" || status=$?
+        reached=$(epochs_done "$run")
+        echo "epochs $((done_epochs + 1))-$reached in $(( $(date +%s) - start )) s, ended $(date -u +%FT%TZ)" \
+             "with exit status $status, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >> "$run.pieces"
+        [ "$status" -eq 0 ] || exit "$status"
+    fi
+    /usr/bin/time -v "$bin/pyro-vae" evaluate "$run" --iw 5000 2> "$run.eval.time"
+    grep -E "Elapsed|Maximum resident" "$run.eval.time"
+    out=experiments/results/burda-$row
+    mkdir -p "$out"
+    cp "$run/config.json" "$run/metrics.jsonl" "$run/figures/curves.png" "$run"/eval-test-iw5000.json "$run.pieces" "$out/"
+done

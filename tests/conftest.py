@@ -24,6 +24,25 @@ def make_binary_images(n: int, side: int = 8, seed: int = 0, with_labels: bool =
     return (images, labels) if with_labels else images
 
 
+def signal_during_batch(monkeypatch, n: int, signum: int):
+    """Send ``signum`` to this process as training takes its ``n``-th batch (counted over
+    every epoch, from 1); returns the real ``Dataset.train_batches`` to put back."""
+    from pyro_vae.data import Dataset
+
+    original = Dataset.train_batches
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    return original
+
+
 @pytest.fixture
 def tiny_npy(tmp_path) -> Path:
     path = tmp_path / "tiny.npy"

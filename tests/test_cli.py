@@ -377,17 +377,9 @@ def test_evaluating_the_best_checkpoint_keeps_the_last_ones_file(trained):
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
 def test_a_signal_saves_and_exits_with_the_shells_status(tiny_npy, tmp_path, monkeypatch, signum, code):
-    import os
+    from conftest import signal_during_batch
 
-    original = Dataset.train_batches
-
-    def interrupting(self, *args, **kwargs):
-        for i, batch in enumerate(original(self, *args, **kwargs)):
-            if i == 2:
-                os.kill(os.getpid(), signum)
-            yield batch
-
-    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    original = signal_during_batch(monkeypatch, 3, signum)
     result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", *FAST)
     assert result.exit_code == code, result.output
     assert "Error" not in result.output and "Traceback" not in result.output

@@ -12,6 +12,8 @@ from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_
 from pyro_vae.data import Dataset
 from pyro_vae.errors import ConfigError, Interrupted, RunError, TrainingDiverged
 
+from conftest import signal_during_batch
+
 SMALL = {"z_dim": 2, "hidden": (16,)}
 
 
@@ -65,17 +67,7 @@ def test_resume_after_an_interruption_mid_epoch_matches(tiny_npy, tmp_path, monk
     """Ctrl-C and SIGTERM alike: the step under way finishes, the state is saved, and the
     resumed run is the uninterrupted one."""
     full = fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "full", device="cpu")
-    original = Dataset.train_batches
-    calls = {"n": 0}
-
-    def interrupting(self, *args, **kwargs):
-        for batch in original(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 12:  # during the 3rd batch of epoch 2 (9 batches an epoch)
-                os.kill(os.getpid(), signum)
-            yield batch
-
-    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    original = signal_during_batch(monkeypatch, 12, signum)  # the 3rd batch of epoch 2 (9 batches an epoch)
     with pytest.raises(Interrupted, match="resume=True") as stopped:
         fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "cut", device="cpu")
     assert stopped.value.exit_code == 128 + signum
@@ -108,17 +100,7 @@ def test_curves_are_redrawn_at_most_every_so_often_and_at_the_end(tiny_npy, tmp_
 
     drawn.clear()
     monkeypatch.setattr(train, "CURVES_SECONDS", 1e9)
-    original = Dataset.train_batches
-    calls = {"n": 0}
-
-    def interrupting(self, *args, **kwargs):
-        for batch in original(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 21:  # during epoch 3 (9 batches an epoch)
-                os.kill(os.getpid(), signal.SIGINT)
-            yield batch
-
-    monkeypatch.setattr(Dataset, "train_batches", interrupting)
+    signal_during_batch(monkeypatch, 21, signal.SIGINT)  # during epoch 3 (9 batches an epoch)
     with pytest.raises(Interrupted):
         fit("vae", SMALL, config(tiny_npy, epochs=5), tmp_path / "cut", device="cpu")
     assert drawn == [1, 2]  # after epoch 1, and at the stop with the two finished epochs

@@ -6,15 +6,17 @@
 # Each row takes hours on two cores. Stop it at any time (Ctrl-C, SIGTERM, or the machine
 # going away between epochs): run the same command again and it continues where the
 # checkpoint left off, with the same result as an uninterrupted run. Each piece's wall time
-# is appended to RUN.pieces.
+# is appended to RUNS/burda-ROW.pieces.
 # Usage: bash experiments/burda_budget.sh ROW...   (ROW: vae or iwae5)
 #   both at once on two cores, a thread each:
 #   OMP_NUM_THREADS=1 bash experiments/burda_budget.sh vae & OMP_NUM_THREADS=1 bash experiments/burda_budget.sh iwae5
-# (PYRO_VAE_DATA as usual; RUNS=folder of the run directories, default runs)
+# (PYRO_VAE_DATA as usual; RUNS=folder of the run directories, default runs;
+#  RESULTS=folder of the outputs, default experiments/results)
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 vae|iwae5 ..." >&2; exit 2; }
 bin=$(dirname "$(command -v pyro-vae || echo .venv/bin/pyro-vae)")
-runs=${RUNS:-runs}
+runs=${RUNS:-runs} results=${RESULTS:-experiments/results}
+timer=(); if [ -x /usr/bin/time ]; then timer=(/usr/bin/time -v); fi  # GNU time: wall and peak memory
 epochs_done() { if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
 for row in "$@"; do
     case $row in
@@ -22,7 +24,7 @@ for row in "$@"; do
         iwae5) fit=(iwae --particles 5) ;;
         *) echo "unknown row $row: use vae or iwae5" >&2; exit 2 ;;
     esac
-    run=$runs/burda-$row
+    run=$runs/burda-$row out=$results/burda-$row
     if [ -f "$run/checkpoint.pt" ]; then
         args=(fit "${fit[0]}" --run-dir "$run" --resume)
     else
@@ -37,9 +39,9 @@ for row in "$@"; do
              "with exit status $status, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >> "$run.pieces"
         [ "$status" -eq 0 ] || exit "$status"
     fi
-    /usr/bin/time -v "$bin/pyro-vae" evaluate "$run" --iw 5000 2> "$run.eval.time"
-    grep -E "Elapsed|Maximum resident" "$run.eval.time"
-    out=experiments/results/burda-$row
+    "${timer[@]}" "$bin/pyro-vae" evaluate "$run" --iw 5000 2> "$run.eval.time"
+    grep -E "Elapsed|Maximum resident" "$run.eval.time" || true
     mkdir -p "$out"
     cp "$run/config.json" "$run/metrics.jsonl" "$run/figures/curves.png" "$run"/eval-test-iw5000.json "$run.pieces" "$out/"
+    cp "$run.eval.time" "$out/evaluate.time"
 done

@@ -3,6 +3,8 @@
 import csv
 import importlib.util
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -237,3 +239,55 @@ def test_compiled_exactness_measures_default_sizes():
     assert vae["compiled"] and vae["exact"] and vae["loss_difference"] == 0
     ssvae = script.measure("ssvae", "enum")
     assert ssvae["compiled"] and ssvae["largest_relative_gradient_difference"] < 1e-5
+
+
+FAKE_PYRO_VAE = r"""#!/usr/bin/env bash
+# Stands in for pyro-vae: a fit appends epochs up to $FAKE_UNTIL, then stops as a SIGTERM
+# would (143) unless the 3,280 epochs are done; evaluate writes a summary.
+echo "$*" >> "$FAKE_LOG"
+cmd=$1; shift
+if [ "$cmd" = fit ]; then
+    while [ $# -gt 0 ]; do [ "$1" = --run-dir ] && run=$2; shift; done
+    mkdir -p "$run/figures"
+    n=0; [ -f "$run/metrics.jsonl" ] && n=$(wc -l < "$run/metrics.jsonl")
+    while [ "$n" -lt "$FAKE_UNTIL" ]; do n=$((n + 1)); echo "{\"epoch\": $n}" >> "$run/metrics.jsonl"; done
+    echo "state after $n" > "$run/checkpoint.pt"; echo best > "$run/best.pt"
+    echo '{}' > "$run/config.json"; echo png > "$run/figures/curves.png"
+    [ "$n" -ge 3280 ] || exit 143
+else
+    echo '{"log_px": -1}' > "$1/eval-test-iw5000.json"
+fi
+"""
+
+
+def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path):
+    """A stopped piece (exit 143) is recorded; the same command again continues the run
+    with --resume, then evaluates it and copies the outputs to RESULTS/burda-ROW/."""
+    fake = tmp_path / "bin" / "pyro-vae"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYRO_VAE)
+    fake.chmod(0o755)
+    log, runs, results = tmp_path / "calls.log", tmp_path / "runs", tmp_path / "results"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+           "RUNS": str(runs), "RESULTS": str(results)}
+
+    def piece(until):
+        return subprocess.run(["bash", str(REPO / "experiments" / "burda_budget.sh"), "iwae5"],
+                              env={**env, "FAKE_UNTIL": str(until)}, capture_output=True, text=True,
+                              cwd=tmp_path)
+
+    first = piece(1000)
+    assert first.returncode == 143, first.stderr
+    out = results / "burda-iwae5"
+    assert not out.exists()
+    second = piece(3280)
+    assert second.returncode == 0, second.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("fit iwae --particles 5 --dataset binarized-mnist --lr-schedule burda --epochs 3280")
+    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume"
+    assert calls[2].startswith("evaluate ") and calls[2].endswith(" --iw 5000") and len(calls) == 3
+    pieces = (out / "burda-iwae5.pieces").read_text().splitlines()
+    assert [p.split(" in ")[0] for p in pieces] == ["epochs 1-1000", "epochs 1001-3280"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3280
+    assert json.loads((out / "eval-test-iw5000.json").read_text()) == {"log_px": -1}
+    assert (out / "evaluate.time").is_file() and (out / "curves.png").is_file()

@@ -42,6 +42,7 @@ from pyro.poutine.util import site_is_subsample
 from .compiled import Compiled
 from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
 from .keyed import DrawKeys, KeyedNoise
+from .pair import family_of, own_parameters
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
@@ -84,8 +85,9 @@ def log_weights(
     With ``keys`` the guide's draws are keyed by (seed, datapoint, particle)
     (``keyed.KeyedNoise``) instead of coming from torch's global generator.
     """
-    log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
-                                          max_plate_nesting=max_plate_nesting, keys=keys, **kwargs)
+    with own_parameters():
+        log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
+                                              max_plate_nesting=max_plate_nesting, keys=keys, **kwargs)
     return log_w, log_lik
 
 
@@ -165,8 +167,8 @@ def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, l
 
     if not compile:
         return eager
-    family = getattr(model, "__self__", None)
-    if not isinstance(family, torch.nn.Module) or kwargs:
+    family = family_of(model)
+    if family is None or kwargs:
         if log:
             log("compiled evaluator chunk off, running eagerly: it needs the model as a method of its module, "
                 "and no extra arguments")
@@ -370,7 +372,7 @@ def estimate_bounds(
 
     With ``compile`` the chunk's computation is traced once per shape and run as a graph
     (``compiled.Compiled``: the same weights to the bit, checked against eager code on the
-    second chunk of each shape); it needs ``model`` to be a bound method of the family,
+    second chunk of each shape); it needs ``model`` to be the family's (``vae.model``),
     and falls back to eager code otherwise, or where the trace fails, saying why to
     ``log``. Enumerated sites are summed out inside the traced chunk as in eager code.
     """

@@ -56,6 +56,8 @@ import pyro.infer.trace_mean_field_elbo
 import torch
 from pyro.poutine.util import is_validation_enabled
 
+from .pair import own_parameters
+
 Log = Callable[[str], None]
 
 #: how far a trace may be from eager code and still count as the same computation: relative
@@ -283,7 +285,7 @@ class CompiledLoss:
         def loss(*ts: torch.Tensor) -> torch.Tensor:
             it = iter(ts)
             full = tuple(next(it) if isinstance(b, torch.Tensor) else b for b in batch)
-            with traceable_pyro():
+            with traceable_pyro(), own_parameters():
                 return self.family.training_loss(self.objective, full, kl_weight)
 
         tensors = tuple(b for b in batch if isinstance(b, torch.Tensor))

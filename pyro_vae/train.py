@@ -39,6 +39,7 @@ from .models import Family, build_model, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
 from .compiled import CompiledLoss, rng_state, set_rng_state
+from .pair import own_parameters
 from .runs import RunDir, check_writable, load_model_state
 
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
@@ -182,7 +183,7 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
 def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int = 1000) -> float:
     """Minus the objective at KL weight 1 on ``x``, in nats per image."""
     total = 0.0
-    with pyro.validation_enabled(False):  # the model was checked on its first training step
+    with pyro.validation_enabled(False), own_parameters():  # the model was checked on its first training step
         for i in range(0, x.shape[0], batch_size):
             total += objective.loss(model.model, model.guide, x[i : i + batch_size])
     return -total / x.shape[0]

@@ -5,7 +5,7 @@ import numpy as np
 import pyro
 import pytest
 
-from pyro_vae.data import default_data_dir, toy_binary_images  # importing pyro_vae sets module_local_params
+from pyro_vae.data import default_data_dir, toy_binary_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -111,26 +111,24 @@ class ADGM(SemiSupervised):
 
     # --- the Pyro pair ------------------------------------------------------------------
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
-        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise.
-        ``kl_weight`` scales the latent sites z and a."""
-        with pyro.plate("data", x.shape[0]):
-            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
-            pyro.sample("x", self.decode(z, y), obs=x)
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("a", self.aux_density(x, y, z))
+    def model_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
+        """z, y (observed where given), x and p(a | x, y, z); ``kl_weight`` scales the
+        latent sites z and a."""
+        z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
+        pyro.sample("x", self.decode(z, y), obs=x)
+        with poutine.scale(scale=kl_weight):
+            pyro.sample("a", self.aux_density(x, y, z))
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+    def guide_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
         """q(a | x), q(y | a, x) (enumerated when y is not given) and q(z | a, x, y)."""
-        with pyro.plate("data", x.shape[0]):
-            with poutine.scale(scale=kl_weight):
-                a = pyro.sample("a", self.aux_posterior(x))
-            if y is None:
-                y = pyro.sample("y", dist.Categorical(logits=self.logits_given_aux(x, a)),
-                                infer={"enumerate": "parallel"})
-            loc, scale, h = self.encoder.with_features(x, cat_last(a, self._onehot(y)))
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
+        with poutine.scale(scale=kl_weight):
+            a = pyro.sample("a", self.aux_posterior(x))
+        if y is None:
+            y = pyro.sample("y", dist.Categorical(logits=self.logits_given_aux(x, a)),
+                            infer={"enumerate": "parallel"})
+        loc, scale, h = self.encoder.with_features(x, cat_last(a, self._onehot(y)))
+        with poutine.scale(scale=kl_weight):
+            pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
 
     # --- read-outs ----------------------------------------------------------------------
 

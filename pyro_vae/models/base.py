@@ -38,6 +38,7 @@ from ..errors import ConfigError
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
+from ..pair import attach_pair, unique_name
 
 Shape = tuple[int, ...]
 
@@ -85,7 +86,8 @@ class Family(PyroModule):
     decoder: torch.nn.Module
 
     def __init__(self, shape: Shape | int, config: Any):
-        super().__init__()
+        super().__init__(unique_name(type(self)))
+        attach_pair(self)
         shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
         if len(shape) not in (1, 3) or min(shape) < 1:
             raise ConfigError(f"data shape must be (C, H, W) or (D,), got {shape}")
@@ -107,6 +109,11 @@ class Family(PyroModule):
         """Refuse impossible options before anything is built or trained (``fit`` calls it
         before ``prepare``, the constructor again); families add their own rules."""
         check_nets_config(config)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (copy.deepcopy, pickle) is another model: its parameters get a name of their own
+        super().__setstate__(state)
+        self._pyro_name = unique_name(type(self))
 
     @property
     def device(self) -> torch.device:

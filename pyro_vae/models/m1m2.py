@@ -146,25 +146,23 @@ class M1M2(SemiSupervised):
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
-        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
-        with pyro.plate("data", x.shape[0]):
-            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
-            z1 = pyro.sample("z1", self.feature_density(z, y))
-            pyro.sample("x", self.m1.decode(z1), obs=x)
+    def model_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
+        """z2, y (observed where given), z1 given both, and x from M1's decoder."""
+        z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
+        z1 = pyro.sample("z1", self.feature_density(z, y))
+        pyro.sample("x", self.m1.decode(z1), obs=x)
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+    def guide_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
         """q(z1 | x) from M1, q(y | z1) (enumerated when y is not given) and q(z2 | z1, y)."""
-        with pyro.plate("data", x.shape[0]):
-            if self._points_at_features():
-                z1 = pyro.sample("z1", dist.Delta(self.features(x), event_dim=1))
-            else:
-                z1 = pyro.sample("z1", self.m1.posterior(x))
-            if y is None:
-                y = pyro.sample("y", dist.Categorical(logits=self.classifier(z1)), infer={"enumerate": "parallel"})
-            loc, scale = self.encoder(z1, self._onehot(y))
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+        if self._points_at_features():
+            z1 = pyro.sample("z1", dist.Delta(self.features(x), event_dim=1))
+        else:
+            z1 = pyro.sample("z1", self.m1.posterior(x))
+        if y is None:
+            y = pyro.sample("y", dist.Categorical(logits=self.classifier(z1)), infer={"enumerate": "parallel"})
+        loc, scale = self.encoder(z1, self._onehot(y))
+        with poutine.scale(scale=kl_weight):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # --- M1 from its run ------------------------------------------------------------------
 

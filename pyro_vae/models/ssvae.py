@@ -24,7 +24,6 @@ weigh as much in the ELBO as the 59,900 others.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.contrib.autoname import scope
 from torch.nn import functional as F
 
 from .. import plots
@@ -185,14 +185,48 @@ class SemiSupervised(Family):
             yield x_u, x, y_l[rows.to(device)], len(labelled) * len(x_u) / (unlabelled_count * len(rows))
 
     def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
-        """Unlabelled ELBO (y enumerated) + the labelled ELBO (y observed) at its data share
-        + aux_weight * cross-entropy."""
+        """The pair's loss over one step's batch: ``model`` and ``guide`` take the labelled
+        images, their labels and their share beside the unlabelled images."""
         x_u, x_l, y_l, share = batch
-        loss = objective.differentiable_loss(self.model, self.guide, x_u, kl_weight=kl_weight)
-        with warnings.catch_warnings():  # a labelled batch has nothing to enumerate, by design
-            warnings.filterwarnings("ignore", message=".*found no sample sites configured for enumeration")
-            loss = loss + share * objective.differentiable_loss(self.model, self.guide, x_l, y_l, kl_weight=kl_weight)
-        return loss + self.config.aux_weight * F.cross_entropy(self.class_logits(x_l), y_l, reduction="sum")
+        return objective.differentiable_loss(self.model, self.guide, x_u, labelled_x=x_l, labelled_y=y_l,
+                                             share=share, kl_weight=kl_weight)
+
+    # --- the Pyro pair: one step's objective --------------------------------------------
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, labelled_x: torch.Tensor | None = None,
+              labelled_y: torch.Tensor | None = None, share: float = 1.0, kl_weight: float = 1.0) -> None:
+        """The generative story of ``x`` (``y`` its labels, None where unknown) and, when
+        given, of a labelled batch ``labelled_x`` with labels ``labelled_y``, its ELBO
+        weighted by ``share``, beside the classifier's term ``aux_weight * log q(y | x)``
+        on it: the whole of M2's objective for one step, so that Pyro's ``SVI`` trains it
+        as the library's loop does."""
+        with pyro.plate("data", x.shape[0]):
+            self.model_sites(x, y, kl_weight)
+        if labelled_x is not None:
+            with scope(prefix="labelled"), pyro.plate("labelled", labelled_x.shape[0]):
+                with poutine.scale(scale=share):
+                    self.model_sites(labelled_x, labelled_y, kl_weight)
+                log_q = -F.cross_entropy(self.class_logits(labelled_x), labelled_y, reduction="none")
+                pyro.factor("classification", self.config.aux_weight * log_q)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, labelled_x: torch.Tensor | None = None,
+              labelled_y: torch.Tensor | None = None, share: float = 1.0, kl_weight: float = 1.0) -> None:
+        """q(y | x) (enumerated where ``y`` is not given) and q(z | x, y) for ``x`` and, when
+        given, for the labelled batch (its labels observed), as ``model`` takes them."""
+        with pyro.plate("data", x.shape[0]):
+            self.guide_sites(x, y, kl_weight)
+        if labelled_x is not None:
+            with scope(prefix="labelled"), pyro.plate("labelled", labelled_x.shape[0]), poutine.scale(scale=share):
+                self.guide_sites(labelled_x, labelled_y, kl_weight)
+
+    def model_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
+        """The model's sites for the images ``x``, inside the caller's data plate."""
+        raise NotImplementedError
+
+    def guide_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
+        """The guide's sites for the images ``x`` (y enumerated when None), inside the
+        caller's data plate."""
+        raise NotImplementedError
 
     # --- read-outs ------------------------------------------------------------------------
 
@@ -313,22 +347,18 @@ class SSVAE(SemiSupervised):
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x)
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
-        """Generative story; ``y`` holds the labels of a labelled batch, None otherwise."""
-        with pyro.plate("data", x.shape[0]):
-            z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
-            pyro.sample("x", self.decode(z, y), obs=x)
+    def model_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
+        """z, y (observed where given) and x."""
+        z, y = self._sample_z_and_y(x.shape[0], y, kl_weight)
+        pyro.sample("x", self.decode(z, y), obs=x)
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0) -> None:
+    def guide_sites(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> None:
         """q(y | x) (enumerated when y is not given) and q(z | x, y)."""
-        with pyro.plate("data", x.shape[0]):
-            if y is None:
-                y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
-                                infer={"enumerate": "parallel"})
-            loc, scale, h = self.encoder.with_features(x, self._onehot(y))
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
-
+        if y is None:
+            y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer={"enumerate": "parallel"})
+        loc, scale, h = self.encoder.with_features(x, self._onehot(y))
+        with poutine.scale(scale=kl_weight):
+            pyro.sample("z", self.flow.distribution(dist.Normal(loc, scale).to_event(1), h))
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """Accuracy, error, and the expected calibration error (Guo et al. 2017): predictions

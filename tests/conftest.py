@@ -5,9 +5,9 @@ import numpy as np
 import pyro
 import pytest
 
-from pyro_vae.data import default_data_dir, toy_binary_images
+from pyro_vae.data import default_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, make_binary_images
 
 
 @pytest.fixture(autouse=True)
@@ -16,31 +16,6 @@ def _validation_and_seed():
     pyro.set_rng_seed(0)
     yield
     pyro.enable_validation(False)
-
-
-def make_binary_images(n: int, side: int = 8, seed: int = 0, with_labels: bool = False):
-    """The package's toy images (four noisy prototypes), with their labels if asked."""
-    images, labels = toy_binary_images(n, side, seed)
-    return (images, labels) if with_labels else images
-
-
-def signal_during_batch(monkeypatch, n: int, signum: int):
-    """Send ``signum`` to this process as training takes its ``n``-th batch (counted over
-    every epoch, from 1); returns the real ``Dataset.train_batches`` to put back."""
-    from pyro_vae.data import Dataset
-
-    original = Dataset.train_batches
-    calls = {"n": 0}
-
-    def interrupting(self, *args, **kwargs):
-        for batch in original(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == n:
-                os.kill(os.getpid(), signum)
-            yield batch
-
-    monkeypatch.setattr(Dataset, "train_batches", interrupting)
-    return original
 
 
 @pytest.fixture

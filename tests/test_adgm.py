@@ -17,8 +17,7 @@ from pyro_vae import ADGM, ADGMConfig, TrainConfig, fit, resume
 from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError
 
-from test_cli import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke
-from test_m1m2 import labelled_npz
+from helpers import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke, labelled_npz
 
 C, Z, A, D = 3, 2, 3, 10
 SMALL = {"z_dim": 2, "a_dim": 2, "hidden": (16,), "classifier_hidden": (16,), "classes": 4, "labels": 8}

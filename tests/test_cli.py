@@ -5,42 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
-from pyro_vae.cli import main
 from pyro_vae.data import Dataset
 
-FAST = ["--z-dim", "2", "--hidden", "16", "--epochs", "2", "--batch-size", "20",
-        "--eval-size", "50", "--device", "cpu", "-q"]
-
-
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
-
-
-def assert_clean_error(result, *fragments):
-    """Non-zero exit, a one-line message naming the problem, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    message = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(message) == 1, result.output
-    for fragment in fragments:
-        assert fragment in message[0], message[0]
-
-
-def assert_scores_and_samples_by_class(run, tmp_path, classes=4):
-    """``evaluate`` of a semi-supervised run reports the classifier and a bound above its
-    ELBO; ``sample --by-class`` writes 3 images of each class with values in [0, 1]."""
-    result = invoke("evaluate", run, "--iw", 10, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    summary = json.loads((run / "eval-test-iw10.json").read_text())
-    assert summary["accuracy"] + summary["error"] == pytest.approx(1.0) and summary["ece"] >= 0
-    assert summary["log_px"]["mean"] >= summary["elbo"]["mean"]
-    result = invoke("sample", run, "--by-class", "-n", 3, "--output", tmp_path / "c.png", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    images = np.load(tmp_path / "c.npy")
-    assert images.shape == (3 * classes, 64) and ((images >= 0) & (images <= 1)).all()
-
+from helpers import FAST, assert_clean_error, invoke, make_binary_images, signal_during_batch
 
 @pytest.fixture
 def trained(tiny_npy, tmp_path):
@@ -342,8 +309,6 @@ def test_evaluate_and_sample_seeds_outside_the_range(trained):
 
 
 def test_empty_splits_and_an_ssvae_with_every_image_labelled(tmp_path):
-    from conftest import make_binary_images
-
     x, y = make_binary_images(60, seed=1, with_labels=True)
     np.savez(tmp_path / "empty.npz", train=x, valid=x[:0], test=x[:10])
     assert_clean_error(invoke("fit", "vae", "--dataset", tmp_path / "empty.npz", "--run-dir", tmp_path / "r", *FAST),
@@ -377,8 +342,6 @@ def test_evaluating_the_best_checkpoint_keeps_the_last_ones_file(trained):
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
 def test_a_signal_saves_and_exits_with_the_shells_status(tiny_npy, tmp_path, monkeypatch, signum, code):
-    from conftest import signal_during_batch
-
     original = signal_during_batch(monkeypatch, 3, signum)
     result = invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", *FAST)
     assert result.exit_code == code, result.output

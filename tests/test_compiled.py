@@ -14,8 +14,7 @@ from pyro_vae import MODELS, TrainConfig, build_model, estimate_bounds, fit, loa
 from pyro_vae.compiled import Compiled, CompiledLoss, traceable_pyro
 from pyro_vae.models.vae import VAE
 
-from test_cli import invoke
-from test_model_space import FAMILY, NETS, toy_images
+from helpers import FAMILY, NETS, invoke, toy_images
 
 CASES = [(family, objective, "mlp", "diagonal") for family in sorted(MODELS)
          for objective in MODELS[family].objectives if objective != "dreg"]

@@ -23,15 +23,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions.normal
-from click.testing import CliRunner
 
 from pyro_vae import distributed
-from pyro_vae.cli import main
 from pyro_vae.errors import ConfigError
 from pyro_vae.runs import RunDir
 from pyro_vae.train import FULL_STATE, TrainConfig, fit
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, invoke
+
 FIT = ["--z-dim", "2", "--hidden", "16", "--batch-size", "16", "--lr", "3e-3", "--grad-clip", "5",
        "--eval-size", "40", "--device", "cpu", "-q"]
 NO_NOISE = ("import torch, torch.distributions.normal as n; "
@@ -78,10 +77,6 @@ def run_ranks(args, **kw):
     for code, text in results:
         assert code == 0, text
     return results
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def files(run: Path) -> set[str]:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pyro_vae import build_model, make_objective
 
-from conftest import REPO
+from helpers import REPO
 
 
 def load_script(name):

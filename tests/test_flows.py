@@ -20,8 +20,7 @@ from pyro_vae.guides import GUIDES, make_flow
 from pyro_vae.nets import GaussianEncoder, make_decoder, make_encoder
 from pyro_vae.objectives import OBJECTIVES, objective_spec
 
-from test_cli import assert_clean_error, invoke
-from test_model_space import FAMILY, SHAPE, toy_images, train_briefly
+from helpers import FAMILY, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
 
 FLOWS = [g for g in GUIDES if g != "diagonal"]
 

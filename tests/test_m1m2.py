@@ -17,8 +17,7 @@ from pyro_vae import M1M2, M1M2Config, TrainConfig, fit, load_run, make_objectiv
 from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError, DataError
 
-from conftest import make_binary_images
-from test_cli import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke
+from helpers import FAST, assert_clean_error, assert_scores_and_samples_by_class, invoke, labelled_npz, make_binary_images
 
 C, Z1, Z2 = 3, 4, 2
 SMALL = {"z_dim": 2, "hidden": (16,), "classifier_hidden": (16,), "classes": 4, "labels": 8,
@@ -106,13 +105,6 @@ def test_m1_is_frozen_while_m2_trains_unless_asked(pair, train_m1):
     changed = [k for k, v in model.m1.state_dict().items() if not torch.equal(v, m1_before[k])]
     assert not torch.equal(model.classifier[0].weight, m2_before)
     assert (changed == []) != train_m1, changed
-
-
-def labelled_npz(tmp_path, seed=1):
-    images, labels = make_binary_images(440, seed=seed, with_labels=True)
-    path = tmp_path / "labelled.npz"
-    np.savez(path, train=images[:400], train_labels=labels[:400], test=images[400:], test_labels=labels[400:])
-    return path
 
 
 def test_eight_labels_teach_the_stacked_classifier(tmp_path):

@@ -17,53 +17,7 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.nets import DECODERS, ENCODERS
 
-from test_cli import assert_clean_error, invoke
-
-SHAPE = (1, 8, 8)
-NETS = {"z_dim": 3, "hidden": (24,), "activation": "tanh"}
-FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
-          "adgm": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "a_dim": 3},
-          # the network, likelihood and guide options describe M1 (untrained here, and frozen)
-          "m1m2": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "m1_z_dim": 4, "m1_hidden": (24,)}}
-
-
-def toy_images(n: int, shape=SHAPE, seed: int = 0, binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two prototypes of grey levels k/255 with noise, flattened (n, C*H*W), and the
-    prototype of each image as its label."""
-    gen = torch.Generator().manual_seed(seed)
-    protos = torch.rand(2, *shape, generator=gen)
-    labels = torch.randint(0, 2, (n,), generator=gen)
-    x = (protos[labels] + 0.1 * torch.randn(n, *shape, generator=gen)).clamp(0, 1)
-    x = torch.bernoulli(x, generator=gen) if binary else torch.round(x * 255) / 255
-    return x.reshape(n, -1), labels
-
-
-def loss_of(model, objective, x, y):
-    if model.has_classes:
-        return model.training_loss(objective, (x, x[:8], y[:8], 1.0), 1.0)
-    return model.training_loss(objective, (x,), 1.0)
-
-
-def train_briefly(model, objective, x, y, steps: int = 25) -> tuple[float, float]:
-    """The objective's bound per image (fixed draws) before and after ``steps`` Adam steps
-    from the output bias at the data's mean."""
-    model.decoder.init_output_bias(model.likelihood.init_bias(x.mean(0)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def score() -> float:
-        with pyro.validation_enabled(False):
-            torch.manual_seed(1)
-            return -objective.loss(model.model, model.guide, x) / len(x)
-
-    before = score()
-    for step in range(steps):
-        with pyro.validation_enabled(step == 0):
-            loss = loss_of(model, objective, x, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return before, score()
-
+from helpers import FAMILY, NETS, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
 
 COMBOS = [(family, net, likelihood) for family in sorted(MODELS) for net in sorted(ENCODERS)
           for likelihood in LIKELIHOODS]

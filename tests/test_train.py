@@ -12,7 +12,7 @@ from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_
 from pyro_vae.data import Dataset
 from pyro_vae.errors import ConfigError, Interrupted, RunError, TrainingDiverged
 
-from conftest import signal_during_batch
+from helpers import signal_during_batch
 
 SMALL = {"z_dim": 2, "hidden": (16,)}
 

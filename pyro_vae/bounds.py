@@ -85,9 +85,8 @@ def log_weights(
     With ``keys`` the guide's draws are keyed by (seed, datapoint, particle)
     (``keyed.KeyedNoise``) instead of coming from torch's global generator.
     """
-    with own_parameters():
-        log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
-                                              max_plate_nesting=max_plate_nesting, keys=keys, **kwargs)
+    log_w, log_lik, _ = importance_traces(model, guide, x, num_particles, *args,
+                                          max_plate_nesting=max_plate_nesting, keys=keys, **kwargs)
     return log_w, log_lik
 
 
@@ -163,7 +162,8 @@ def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, l
     """``(x, index, first particle, particles) -> log_weights`` of one chunk with keyed
     draws: eager, or through a ``Compiled`` trace keyed by the chunk's shape."""
     def eager(x: torch.Tensor, index: torch.Tensor, first: Any, n: int) -> tuple[torch.Tensor, ...]:
-        return log_weights(model, guide, x, n, keys=DrawKeys(seed, index, first), **kwargs)
+        with own_parameters():  # the evaluator writes nothing to Pyro's parameter store
+            return log_weights(model, guide, x, n, keys=DrawKeys(seed, index, first), **kwargs)
 
     if not compile:
         return eager

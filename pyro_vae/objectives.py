@@ -1,9 +1,10 @@
 """ELBO flavours by name.
 
-Each entry builds an object with Pyro's ELBO interface (``loss`` and
-``differentiable_loss``); the training loop runs ``backward`` itself, so any torch
-optimizer, scheduler or gradient clipping applies, and the networks need no Pyro
-parameter store.
+Each entry builds an object with Pyro's ELBO interface: ``loss`` and
+``differentiable_loss``, which the library's loop uses (it runs ``backward`` itself, so any
+torch optimizer, scheduler or gradient clipping applies); ``loss_and_grads``, which Pyro's
+``SVI`` calls; and ``objective(model, guide)``, Pyro's ``ELBOModule`` for a torch optimizer.
+The importance-weighted objectives are Pyro ``ELBO``s for that reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .bounds import importance_traces, log_weights
 from .errors import ConfigError, Flag
 
 
-class RenyiObjective:
+class RenyiObjective(ELBO):
     """The Renyi bound of Li & Turner 2016 with k particles, per datapoint,
 
         L_alpha = 1 / (1 - alpha) * log (1/k) sum_k w_k^(1 - alpha),
@@ -38,9 +39,8 @@ class RenyiObjective:
     def __init__(self, num_particles: int = 1, alpha: float = 0.0, max_plate_nesting: int = 1):
         if not 0 <= alpha < 1:
             raise ConfigError(f"--alpha must lie in [0, 1) for a Renyi bound, got {alpha}")
-        self.num_particles = num_particles
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.alpha = alpha
-        self.max_plate_nesting = max_plate_nesting
 
     def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
@@ -54,6 +54,15 @@ class RenyiObjective:
         """Minus the bound summed over the batch, as a float."""
         with torch.no_grad():
             return self.differentiable_loss(model, guide, x, *args, **kwargs).item()
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss, after ``backward`` of its differentiable form: what Pyro's ``SVI`` calls."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+    def _get_trace(self, model: Callable, guide: Callable, args: Any, kwargs: Any) -> Any:
+        raise NotImplementedError("the bound is computed from log_weights, not from traces one particle at a time")
 
 
 class DReGObjective(RenyiObjective):

@@ -194,9 +194,16 @@ class Family(PyroModule):
         for x in data.train_batches(batch_size, epoch, seed, device, start=start):
             yield (x,)
 
+    def pair_arguments(self, batch: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments of ``model`` and ``guide`` for one step's
+        ``batch``: what ``svi.step(*args, **kwargs)`` takes to train as the library's loop
+        does. By default the batch itself."""
+        return tuple(batch), {}
+
     def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
         """The differentiable loss of one step, summed over the batch."""
-        return objective.differentiable_loss(self.model, self.guide, *batch, kl_weight=kl_weight)
+        args, kwargs = self.pair_arguments(batch)
+        return objective.differentiable_loss(self.model, self.guide, *args, kl_weight=kl_weight, **kwargs)
 
     def metrics(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         """Scores beyond the bounds (e.g. a classifier's accuracy), logged per epoch on

@@ -184,12 +184,11 @@ class SemiSupervised(Family):
             x = data.binarized(x_l[rows], torch.Generator().manual_seed(stream + 1 + step)).to(device)
             yield x_u, x, y_l[rows.to(device)], len(labelled) * len(x_u) / (unlabelled_count * len(rows))
 
-    def training_loss(self, objective: Any, batch: tuple[torch.Tensor, ...], kl_weight: float) -> torch.Tensor:
-        """The pair's loss over one step's batch: ``model`` and ``guide`` take the labelled
-        images, their labels and their share beside the unlabelled images."""
+    def pair_arguments(self, batch: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A step's batch ``(unlabelled x, labelled x, their labels, their share)`` as the
+        pair takes it: ``model(x, labelled_x=..., labelled_y=..., share=...)``."""
         x_u, x_l, y_l, share = batch
-        return objective.differentiable_loss(self.model, self.guide, x_u, labelled_x=x_l, labelled_y=y_l,
-                                             share=share, kl_weight=kl_weight)
+        return (x_u,), {"labelled_x": x_l, "labelled_y": y_l, "share": share}
 
     # --- the Pyro pair: one step's objective --------------------------------------------
 

@@ -326,7 +326,8 @@ class BoundEstimates:
 
 
 def _nan_to_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
+    """JSON has no NaN or infinity: None for either (k-hat is -inf for a tail without spread)."""
+    return v if math.isfinite(v) else None
 
 
 def sweep_for(num_particles: int, ks: Sequence[int] | None = None) -> list[int]:
@@ -406,8 +407,8 @@ def estimate_bounds(
             # argument and support checks on the first chunk only: they cost ~20% of the time
             with pyro.validation_enabled(start == 0 and k0 == 0):
                 w, lik = chunk_weights(x, index[start : start + batch_size], k0, min(chunk, num_particles - k0))
+            weights.update(w)  # in float64, knowing the rounding of w's own dtype
             dtype, w = w.dtype, w.double()
-            weights.update(w)
             for g in groups:
                 g.update(w)
             lik_sum += lik.double().sum(0)

@@ -30,6 +30,14 @@ K_HAT_UNRELIABLE = 0.7
 K_HAT_INFINITE_VARIANCE = 0.5
 
 
+def rounding(log_w_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far apart log weights of this size, computed in ``dtype``, can lie and still be
+    the same number but for rounding: an exact guide's weights, all equal to p(x), differ
+    by this much. Weights closer than that are one weight: a tail without spread (k-hat
+    -inf, no alarm) and an estimate without Monte Carlo error."""
+    return 64 * torch.finfo(dtype).eps * log_w_max.abs().clamp_min(1.0)
+
+
 def tail_length(num_draws: int) -> int:
     """M, the number of largest weights that PSIS fits a generalized Pareto tail to."""
     return int(math.ceil(min(0.2 * num_draws, 3 * math.sqrt(num_draws))))
@@ -91,7 +99,7 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top, idx = torch.topk(lw, M + 1, dim=0)  # descending
     lmax = top[0]
     cutoff = top[M] - lmax  # log of the threshold, relative to the largest weight
-    k, sigma = _tail_fit(top)
+    k, sigma = _tail_fit(top, rounding(lmax, log_w.dtype))
     p = (torch.arange(M, dtype=lw.dtype, device=lw.device) + 0.5) / M
     smooth = torch.log(_gpd_quantile(p.unsqueeze(-1), k, sigma) + torch.exp(cutoff)).clamp_max(0) + lmax
     out = lw.clone()
@@ -99,15 +107,20 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, k
 
 
-def _tail_fit(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tail_fit(top: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The generalized Pareto fit of PSIS from the M + 1 largest log weights of each
     column, descending (float64): the M largest minus the threshold (the (M+1)-th), on the
-    scale where the largest weight is 1. Returns (k-hat, sigma) per column."""
+    scale where the largest weight is 1. Returns (k-hat, sigma) per column. A tail whose
+    weights all lie within ``noise`` (``rounding``) of each other has no shape to fit: its
+    weights are bounded, k-hat is -inf and sigma 0 (a fit to the rounding errors alone
+    would return any shape at all)."""
     M = top.shape[0] - 1
     w = torch.exp(top - top[0])
     # ties at the threshold give zero exceedances; the fit needs them positive
     exceed = (w[:M] - w[M]).flip(0).clamp_min(torch.finfo(torch.float64).tiny).T  # (batch, M), ascending
-    return gpd_fit(exceed)
+    k, sigma = gpd_fit(exceed)
+    flat = top[0] - top[M] <= noise
+    return torch.where(flat, -math.inf, k), torch.where(flat, 0.0, sigma)
 
 
 def pareto_k(log_w: torch.Tensor) -> torch.Tensor:
@@ -160,18 +173,21 @@ def log_mean_exp_se(log_w: torch.Tensor, k_hat: torch.Tensor | None = None,
     G = min(groups, K // 2)
     n = K // G
     group_means = torch.logsumexp(lw[: G * n].view(G, n, -1), 1) - math.log(n)
-    out = _tail_aware_se(top, rest_sq, w.sum(0), K, group_means, k_hat)
+    out = _tail_aware_se(top, rest_sq, w.sum(0), K, group_means, k_hat, lw.min(0).values,
+                         rounding(top[0], log_w.dtype))
     return out.to(log_w.dtype)
 
 
 def _tail_aware_se(top: torch.Tensor, rest_sq: torch.Tensor, total: torch.Tensor, K: int,
-                   group_means: torch.Tensor, k_hat: torch.Tensor | None) -> torch.Tensor:
+                   group_means: torch.Tensor, k_hat: torch.Tensor | None, smallest: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
     """``log_mean_exp_se`` from what it needs of the K weights, on the scale where the
     largest is 1: the M + 1 largest log weights (descending), the sum of the squares of
-    all but the M largest weights, the sum of all weights, and the log mean weight of
-    each of the G groups of draws."""
+    all but the M largest weights, the sum of all weights, the log mean weight of each of
+    the G groups of draws, and the smallest log weight. Zero where all K weights are one
+    weight but for rounding (``noise``): the estimate is exact."""
     M = top.shape[0] - 1
-    k, sigma = _tail_fit(top)  # the fit psis makes; k is k-hat
+    k, sigma = _tail_fit(top, noise)  # the fit psis makes; k is k-hat
     if k_hat is not None:
         k = k_hat.to(k)
     u = torch.exp(top[M] - top[0])
@@ -182,16 +198,19 @@ def _tail_aware_se(top: torch.Tensor, rest_sq: torch.Tensor, total: torch.Tensor
     mean = total / K
     semi = (m2 - mean**2).clamp_min(0).sqrt() / (math.sqrt(K) * mean)
     stable = group_means.std(0) * group_means.shape[0] ** (k - 1)
-    return torch.where(light, semi, torch.where(k < 1, stable, torch.full_like(semi, float("nan"))))
+    out = torch.where(light, semi, torch.where(k < 1, stable, torch.full_like(semi, float("nan"))))
+    return torch.where(top[0] - smallest <= noise, 0.0, out)
 
 
 def delta_method_se(log_w: torch.Tensor) -> torch.Tensor:
     """The plain delta-method standard error of log(mean_k w_k), sd(w) / (sqrt(K) mean(w))
-    with the raw weights' sample standard deviation: too small under heavy tails."""
+    with the raw weights' sample standard deviation: too small under heavy tails. Zero
+    where the weights are equal but for rounding."""
     w = torch.exp(log_w - log_w.max(0, keepdim=True).values)
     if w.shape[0] < 2:
         return torch.full_like(w[0], float("nan"))
-    return w.std(0) / (math.sqrt(w.shape[0]) * w.mean(0))
+    top, bottom = log_w.max(0).values, log_w.min(0).values
+    return torch.where(top - bottom <= rounding(top, log_w.dtype), 0.0, w.std(0) / (math.sqrt(w.shape[0]) * w.mean(0)))
 
 
 def leave_one_out_logsumexp(log_w: torch.Tensor) -> torch.Tensor:
@@ -321,6 +340,8 @@ class WeightStream:
         self.seen = 0
         like = torch.zeros(batch, dtype=torch.float64, device=device)
         self.max = torch.full_like(like, -math.inf)
+        self.min = torch.full_like(like, math.inf)
+        self.dtype = torch.float64  # of the log weights fed in: their rounding
         self.top = like.new_empty((0, batch))
         self.rest_powers = like.new_zeros((self.POWERS, batch))
         self.log_w = _Moments(like)
@@ -332,6 +353,8 @@ class WeightStream:
     def update(self, log_w: torch.Tensor) -> None:
         """Take the next chunk of draws, shape (n, batch)."""
         lw = log_w.double()
+        self.dtype = log_w.dtype if self.seen == 0 else self.dtype
+        self.min = torch.minimum(self.min, lw.min(0).values)
         new_max = torch.maximum(self.max, lw.max(0).values)
         factor = torch.exp(self.max - new_max).nan_to_num(0.0)  # 0 on the first chunk
         powers = torch.arange(1, self.POWERS + 1, dtype=lw.dtype, device=lw.device).unsqueeze(-1)
@@ -372,12 +395,13 @@ class WeightStream:
         self._check_done()
         if self.M < 5 or self.M + 1 > self.K:
             return torch.full_like(self.max, float("nan"))
-        return _tail_fit(self.top[: self.M + 1])[0]
+        return _tail_fit(self.top[: self.M + 1], rounding(self.max, self.dtype))[0]
 
     def delta_method_se(self) -> torch.Tensor:
         """As ``delta_method_se`` of the K draws."""
         self._check_done()
-        return self.w.std() / (math.sqrt(self.K) * self.w.mean)
+        se = self.w.std() / (math.sqrt(self.K) * self.w.mean)
+        return torch.where(self.max - self.min <= rounding(self.max, self.dtype), 0.0, se)
 
     def log_mean_exp_se(self, k_hat: torch.Tensor | None = None) -> torch.Tensor:
         """As ``log_mean_exp_se`` of the K draws."""
@@ -387,7 +411,7 @@ class WeightStream:
         top_sq = torch.exp(2 * (self.top[self.M :] - self.max)).sum(0)
         group_means = self.group_lse - math.log(self.group_size)
         return _tail_aware_se(self.top[: self.M + 1], self.rest_powers[1] + top_sq, self.total, self.K,
-                              group_means, k_hat)
+                              group_means, k_hat, self.min, rounding(self.max, self.dtype))
 
     def jackknife(self) -> torch.Tensor:
         """As ``jackknife(log_w, 1)`` of the K draws: K L_K - (K - 1) L_{K-1}, written as

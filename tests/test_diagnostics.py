@@ -114,3 +114,58 @@ def test_tail_aware_se_is_the_delta_method_on_light_tails_and_larger_on_heavy_on
     assert (log_mean_exp_se(heavy) / delta_method_se(heavy)).median() > 1.1
     none = log_mean_exp_se(gpd_log_weights(1.5, 2000, 50, seed=7))  # no mean: no error
     assert torch.isnan(none).float().mean() > 0.9
+
+
+def exact_guide_pair():
+    """The linear-Gaussian model with its exact posterior (full covariance) as the guide:
+    every importance weight is p(x), but for rounding."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro_vae.exact import linear_gaussian
+
+    lg = linear_gaussian(seed=1)
+    tril = torch.linalg.cholesky(lg.posterior_cov)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal((x - lg.mu) @ lg.guide_matrix.T, scale_tril=tril))
+
+    return lg, guide
+
+
+def test_an_exact_guide_raises_no_alarm_and_has_no_monte_carlo_error():
+    from pyro_vae import estimate_bounds
+
+    lg, guide = exact_guide_pair()
+    torch.manual_seed(0)
+    x = lg.marginal.sample((200,))
+    est = estimate_bounds(lg.model, guide, x, 1000)
+    assert torch.allclose(est.log_px, lg.marginal.log_prob(x), atol=1e-4)
+    assert not est.unreliable.any()
+    assert (est.k_hat == -math.inf).all()
+    assert (est.log_px_se == 0).all() and (est.log_px_se_delta == 0).all()
+    summary = est.summary()
+    assert summary["pareto_k"]["images_above_0.7"] == 0 and summary["log_px"]["mc_se"] == 0.0
+    assert summary["log_px"]["mc_se_withheld"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_equal_but_for_rounding_are_one_weight_and_a_real_spread_is_not(dtype):
+    from pyro_vae.diagnostics import WeightStream
+
+    g = torch.Generator().manual_seed(0)
+    base = -torch.linspace(3.0, 90.0, 6, dtype=torch.float64)  # six datapoints of different size
+    eps = torch.finfo(dtype).eps
+    noise = (torch.rand(1000, 6, generator=g, dtype=torch.float64) - 0.5) * 8 * eps * base.abs()
+    flat = (base + noise).to(dtype)
+    assert (pareto_k(flat) == -math.inf).all()
+    assert (log_mean_exp_se(flat) == 0).all() and (delta_method_se(flat) == 0).all()
+    stream = WeightStream(1000, 6)
+    for chunk in flat.split(300):
+        stream.update(chunk)
+    assert (stream.pareto_k() == -math.inf).all() and (stream.log_mean_exp_se() == 0).all()
+    # a spread a thousand times the rounding is a tail: it gets a shape and an error
+    spread = (base + 1000 * noise).to(dtype)
+    assert torch.isfinite(pareto_k(spread)).all() and (log_mean_exp_se(spread) > 0).all()
+    # and heavy-tailed weights keep their alarm
+    assert (pareto_k(gpd_log_weights(0.9, 1000, 6, seed=2)) > 0.7).float().mean() > 0.5

@@ -145,7 +145,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                           "without --overwrite"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
         click.Option(["--overwrite"], is_flag=True,
-                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint)"),
+                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint): "
+                          "only a pyro_vae run holding nothing but its own files, and only those are removed"),
         *_runtime_options(), _BACKEND,
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]

@@ -399,8 +399,8 @@ def _read_npy(f: Any, what: str) -> np.ndarray:
     except Exception as e:  # numpy raises ValueError, EOFError... for a damaged header
         raise DataError(f"cannot read {what}: its .npy header is truncated or corrupt ({_reason(e)})") from None
     if dtype.hasobject:
-        raise DataError(f"{what} holds Python objects (dtype {dtype}), which pyro_vae does not load: unpickling "
-                        f"can run code; {_SAVE_HOW}")
+        raise DataError(f"cannot read {what}: it holds Python objects (dtype {dtype}), which pyro_vae does not "
+                        f"load, since unpickling can run code; {_SAVE_HOW}")
     f.seek(0)
     try:
         return np.lib.format.read_array(f, allow_pickle=False)
@@ -424,17 +424,17 @@ def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if not head:
-        raise DataError(f"{path} is empty: {_SAVE_HOW}")
+        raise DataError(f"cannot read {path}: it is empty; {_SAVE_HOW}")
     if head[:4] not in _ZIP_MAGICS:
         kind = "a Python pickle" if head[:1] == b"\x80" else "its first bytes are neither format's"
-        raise DataError(f"{path} is neither a .npy nor an .npz file ({kind}): {_SAVE_HOW}")
+        raise DataError(f"cannot read {path}: it is neither a .npy nor an .npz file ({kind}); {_SAVE_HOW}")
     try:
         with zipfile.ZipFile(path) as archive:
             arrays = {}
             for member in archive.infolist():
                 if member.is_dir() or not member.filename.endswith(".npy"):
-                    raise DataError(f"{path} is a zip file but not an .npz: its member {member.filename} is not a "
-                                    f".npy array; {_SAVE_HOW}")
+                    raise DataError(f"cannot read {path}: it is a zip file but not an .npz (its member "
+                                    f"{member.filename} is not a .npy array); {_SAVE_HOW}")
                 name = member.filename[: -len(".npy")]
                 with archive.open(member) as f:
                     arrays[name] = _read_npy(f, f"{path}[{name}]")
@@ -443,7 +443,7 @@ def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     except Exception as e:  # zipfile raises BadZipFile, EOFError, OSError, zlib.error, ...
         raise DataError(f"cannot read {path}: it is a truncated or corrupt .npz ({_reason(e)})") from None
     if not arrays:
-        raise DataError(f"{path} holds no arrays: {_SAVE_HOW}")
+        raise DataError(f"cannot read {path}: it is an .npz that holds no arrays; {_SAVE_HOW}")
     return arrays
 
 

@@ -8,7 +8,7 @@
     RUN/eval-*.json      results of ``pyro-vae evaluate`` (and .npz per image, .png)
     RUN/codes-*.npz      ``pyro-vae encode``; RUN/clusters-*.json, .npz ``pyro-vae cluster``
 
-``RUN_ENTRIES`` and ``FIGURE_ENTRIES`` name all of it, once: ``--overwrite`` removes those
+``RUN_ENTRIES`` and ``RUN_FOLDERS`` name all of it, once: ``--overwrite`` removes those
 names and nothing else. Every output is written by ``atomic_write`` (a temporary file in
 the same folder, then one rename), so a full disk, a kill or an error leaves the old file
 or the new one, never a truncated one. Checkpoints are read with
@@ -39,15 +39,16 @@ except ImportError:  # not on Windows: no lock there
 CHECKPOINT_FORMAT = 1
 
 
-#: Shell patterns of every name that pyro_vae writes at the top of a run directory: its
-#: config, metrics, checkpoints, figures folder, the default outputs of evaluate, encode
-#: and cluster, the lock, and the temporary files of ``atomic_write`` and
-#: ``check_writable``. ``--overwrite`` removes these and refuses a folder with anything else.
-RUN_ENTRIES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "best.pt", "figures", ".lock",
+#: Shell patterns of every file name that pyro_vae writes at the top of a run directory:
+#: its config, metrics, checkpoints, the default outputs of evaluate, encode and cluster,
+#: the lock, and the temporary files of ``atomic_write`` and ``check_writable``.
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "best.pt", ".lock",
                "eval-*.json", "eval-*.npz", "eval-*.png", "codes-*.npz", "clusters-*.json", "clusters-*.npz",
                ".*.tmp", ".pyro_vae-probe-*")
-#: The same for the figures folder: the plots, and ``pyro-vae sample``'s array.
-FIGURE_ENTRIES = ("*.png", "samples.npy", ".*.tmp", ".pyro_vae-probe-*")
+#: The folders it writes there, each with the patterns of the files it writes into them:
+#: the plots and ``pyro-vae sample``'s array; TensorBoard's event files.
+RUN_FOLDERS = {"figures": ("*.png", "samples.npy", ".*.tmp", ".pyro_vae-probe-*"),
+               "tensorboard": ("events.out.tfevents.*",)}
 #: The top-level entries of a config.json that pyro_vae wrote, and their JSON types: how a
 #: folder is recognised as a pyro_vae run (``is_run_config``).
 CONFIG_ENTRIES: dict[str, type] = {"model": str, "model_config": dict, "train": dict, "data": dict}
@@ -120,29 +121,32 @@ def _ours(entry: Path, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
 
 
+def _shown(entry: Path, folder: Path) -> str:
+    name = str(entry.relative_to(folder))
+    return name + "/" if entry.is_dir() and not entry.is_symlink() else name
+
+
 def removable_entries(path: Path) -> tuple[list[Path], list[str]]:
-    """What ``--overwrite`` would remove from the run directory ``path`` (files and links,
-    then the figures folder, deepest first), and what stands in its way: entries that
-    pyro_vae does not write, and anything under a folder that is a link (never followed)."""
+    """What ``--overwrite`` would remove from the run directory ``path`` (its files, links
+    and folders, each folder after what it holds), and what stands in its way: entries
+    whose names pyro_vae does not write there (``RUN_ENTRIES``, ``RUN_FOLDERS``). A link
+    counts as a file under its own name, whatever it points to: it is unlinked, never
+    followed. The lock is neither: it stays held."""
     remove: list[Path] = []
     foreign: list[str] = []
     for entry in sorted(path.iterdir()):
         if entry.name == RunDir.LOCK:
             continue
-        if not _ours(entry, RUN_ENTRIES) or (entry.is_dir() and not entry.is_symlink()
-                                             and entry.name != "figures"):
-            foreign.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
-        elif entry.is_dir() and not entry.is_symlink():
+        folder = entry.is_dir() and not entry.is_symlink()
+        if folder and entry.name in RUN_FOLDERS:
             for item in sorted(entry.iterdir()):
-                if _ours(item, FIGURE_ENTRIES) and (item.is_symlink() or not item.is_dir()):
-                    remove.append(item)
-                else:
-                    foreign.append(f"{entry.name}/{item.name}" + ("/" if item.is_dir() and not item.is_symlink() else ""))
+                ours = _ours(item, RUN_FOLDERS[entry.name]) and (item.is_symlink() or item.is_file())
+                remove.append(item) if ours else foreign.append(_shown(item, path))
             remove.append(entry)
-        elif entry.is_symlink() or entry.is_file():
+        elif (entry.is_symlink() or entry.is_file()) and _ours(entry, (*RUN_ENTRIES, *RUN_FOLDERS)):
             remove.append(entry)
         else:
-            foreign.append(entry.name)  # a socket, a pipe, ...
+            foreign.append(_shown(entry, path))
     return remove, foreign
 
 
@@ -265,7 +269,7 @@ class RunDir:
         self._lock = handle
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        if self.figures.is_dir():
+        if self.figures.is_dir() and not self.figures.is_symlink():  # a link's target is not the run's
             for tmp in self.figures.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 

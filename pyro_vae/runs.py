@@ -251,8 +251,16 @@ class RunDir:
         """Hold the run's lock file, so that no second process trains it at the same time.
         An advisory ``flock``: the system releases it when the process ends, however it
         ends, so a crash never leaves a run locked. Stale temporary files of an earlier,
-        killed process are removed once it is held."""
-        handle = open(self.path / self.LOCK, "a+")
+        killed process are removed once it is held. A link in the lock's place is refused,
+        not followed: the pid written into the lock would overwrite its target."""
+        where = self.path / self.LOCK
+        try:
+            fd = os.open(where, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError:
+            if where.is_symlink():
+                raise RunError(f"{where} is a link, not the lock file pyro_vae makes; remove the link") from None
+            raise
+        handle = os.fdopen(fd, "r+")
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

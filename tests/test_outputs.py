@@ -118,6 +118,12 @@ def test_links_inside_a_run_are_unlinked_never_followed(tiny_npy, tmp_path):
     with pytest.raises(RunError, match=r"files that pyro_vae did not write \(data\)"):
         train(tiny_npy, run, overwrite=True)
     (run / "data").unlink()
+    (run / RunDir.LOCK).rename(tmp_path / "old-lock")
+    (run / RunDir.LOCK).symlink_to(elsewhere / "weights.pt")
+    with pytest.raises(RunError, match=r"\.lock is a link"):
+        train(tiny_npy, run, overwrite=True)
+    assert (elsewhere / "weights.pt").read_bytes() == b"my weights"
+    (run / RunDir.LOCK).unlink()
     before = snapshot(elsewhere)
     second = train(tiny_npy, run, epochs=2, overwrite=True)
     assert snapshot(elsewhere) == before

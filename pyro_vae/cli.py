@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import sys
 import typing
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import torch
 from click.core import ParameterSource
 
@@ -26,7 +24,7 @@ from .evaluation import evaluate_run, nonempty_split, split_data
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
-from .runs import check_writable
+from .runs import check_writable, write_json, write_npy, write_npz
 from .models import MODELS
 from .models.gmvae import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
@@ -147,7 +145,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                           "without --overwrite"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir where it stopped"),
         click.Option(["--overwrite"], is_flag=True,
-                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint)"),
+                     help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint): "
+                          "only a pyro_vae run holding nothing but its own files, and only those are removed"),
         *_runtime_options(), _BACKEND,
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
@@ -248,16 +247,15 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
 def _write_evaluation(summary: dict[str, Any], est: Any, out: Path, checkpoint: str, split: str,
                       index: torch.Tensor) -> None:
     """The summary as JSON (and the reliability diagram, for a classifier), the per-image
-    estimates as .npz, and the table on stdout."""
+    estimates as .npz, each written atomically, and the table on stdout."""
     summary.update(checkpoint=checkpoint, split=split)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if "calibration" in summary:
         plots.reliability_diagram(summary["calibration"], out.with_name(out.stem + "-reliability.png"),
                                   title=f"{split}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}")
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out, summary)
     # per image; the Monte Carlo errors are NaN where they cannot be trusted (k_hat > 0.7)
     trusted = lambda se: torch.where(est.unreliable, torch.nan, se).numpy()  # noqa: E731
-    np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
+    write_npz(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
                         log_px=est.log_px.numpy(), log_px_se=trusted(est.log_px_se),
                         log_px_se_delta=est.log_px_se_delta.numpy(), k_hat=est.k_hat.numpy(),
                         jackknife=est.jackknife.numpy(), jackknife_se=trusted(est.jackknife_se),
@@ -339,8 +337,7 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
         images = run.model.sample(num, draw=draw).cpu()
     out = Path(output) if output else run.dir.figures / "samples.png"
     check_writable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".npy"), images.numpy())
+    write_npy(out.with_suffix(".npy"), images.numpy())
     shape = run.data_info.get("image_shape")
     if shape:
         title = f"{num} samples of each class (rows)" if by_class else f"{num} samples"
@@ -416,8 +413,7 @@ def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: i
     pieces = [run.model.encode(x[i : i + 1000]) for i in range(0, len(x), 1000)]
     loc = torch.cat([p[0] for p in pieces]).cpu().numpy()
     scale = torch.cat([p[1] for p in pieces]).cpu().numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, index=index.numpy(), loc=loc, scale=scale,
+    write_npz(out, index=index.numpy(), loc=loc, scale=scale,
                         **({} if labels is None else {"labels": labels.numpy()}))
     click.echo(f"wrote {out}: {loc.shape[0]} {split} images, {loc.shape[1]} latent dimensions")
 
@@ -451,9 +447,8 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
                "used_components": int((sizes > 0).sum()),
                "accuracy": None if labels is None else cluster_accuracy(assignment, labels),
                "sizes": sizes.tolist()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    np.savez_compressed(out.with_suffix(".npz"), index=index.numpy(), assignment=assignment.numpy(),
+    write_json(out, summary)
+    write_npz(out.with_suffix(".npz"), index=index.numpy(), assignment=assignment.numpy(),
                         **({} if labels is None else {"labels": labels.numpy()}))
     click.echo(f"{summary['num_images']} {split} images in {summary['used_components']} of "
                f"{summary['components']} components")

@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import os
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .runs import atomic_write, write_npy
 
 BINARIZATIONS = ("dynamic", "threshold", "none")
 LAYOUTS = ("auto", "nhwc", "nchw")
@@ -229,7 +231,10 @@ def read_rows(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False).ravel()
+        values = read_arrays(path)
+        if not isinstance(values, np.ndarray):
+            raise DataError(f"{path}: expected one array of row numbers, found an .npz of {len(values)}")
+        values = values.ravel()
     else:
         text = " ".join(line.split("#")[0] for line in path.read_text().splitlines())
         try:
@@ -373,18 +378,80 @@ def _flatten(x: np.ndarray, layout: str, what: str) -> tuple[np.ndarray, tuple[i
                     "or (N, H, W, C) / (N, C, H, W) images with C = 1 or 3")
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+_SAVE_HOW = "save plain numeric arrays with numpy.save or numpy.savez"
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of a reader's error, kept short."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _read_npy(f: Any, what: str) -> np.ndarray:
+    """One array from the seekable ``.npy`` stream ``f`` (at its start; zip members seek
+    too), without unpickling: a dtype that holds Python objects is refused from the
+    header, before any data is read."""
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        _, _, dtype = header(f)
+    except Exception as e:  # numpy raises ValueError, EOFError... for a damaged header
+        raise DataError(f"cannot read {what}: its .npy header is truncated or corrupt ({_reason(e)})") from None
+    if dtype.hasobject:
+        raise DataError(f"cannot read {what}: it holds Python objects (dtype {dtype}), which pyro_vae does not "
+                        f"load, since unpickling can run code; {_SAVE_HOW}")
+    f.seek(0)
+    try:
+        return np.lib.format.read_array(f, allow_pickle=False)
+    except Exception as e:  # a short read, a bad CRC or inflate error inside an .npz, ...
+        raise DataError(f"cannot read {what}: it is truncated or corrupt ({_reason(e)})") from None
+
+
+def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a ``.npy`` file, or the arrays of an ``.npz`` by name, read whole and
+    without unpickling anything. Which of the two a file is comes from its first bytes.
+    Every way the file can fail (empty, truncated, not numpy's format, a zip that is not
+    an .npz, a member that is not an array, an array of Python objects) is a
+    ``DataError`` in one line that names the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+            if head == _NPY_MAGIC:
+                f.seek(0)
+                return _read_npy(f, str(path))
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not head:
+        raise DataError(f"cannot read {path}: it is empty; {_SAVE_HOW}")
+    if head[:4] not in _ZIP_MAGICS:
+        kind = "a Python pickle" if head[:1] == b"\x80" else "its first bytes are neither format's"
+        raise DataError(f"cannot read {path}: it is neither a .npy nor an .npz file ({kind}); {_SAVE_HOW}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            arrays = {}
+            for member in archive.infolist():
+                if member.is_dir() or not member.filename.endswith(".npy"):
+                    raise DataError(f"cannot read {path}: it is a zip file but not an .npz (its member "
+                                    f"{member.filename} is not a .npy array); {_SAVE_HOW}")
+                name = member.filename[: -len(".npy")]
+                with archive.open(member) as f:
+                    arrays[name] = _read_npy(f, f"{path}[{name}]")
+    except DataError:
+        raise
+    except Exception as e:  # zipfile raises BadZipFile, EOFError, OSError, zlib.error, ...
+        raise DataError(f"cannot read {path}: it is a truncated or corrupt .npz ({_reason(e)})") from None
+    if not arrays:
+        raise DataError(f"cannot read {path}: it is an .npz that holds no arrays; {_SAVE_HOW}")
+    return arrays
+
+
 def _load_array(path: Path, valid_fraction: float, seed: int, layout: str = "auto") -> Dataset:
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError, OSError, EOFError... for bad files
-        raise DataError(f"cannot read {path} as a numpy array ({e})") from None
-    if isinstance(loaded, np.ndarray):
-        arrays = {"all": loaded}
-    else:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
+    loaded = read_arrays(path)
+    arrays = {"all": loaded} if isinstance(loaded, np.ndarray) else loaded
     images = [k for k in arrays if not k.endswith("labels")]
     if "train" not in arrays and len(images) == 1:
         arrays = {"all": arrays[images[0]], **({"labels": arrays["labels"]} if "labels" in arrays else {})}
@@ -529,10 +596,7 @@ def _load_binarized_mnist(root: Path, download: bool) -> Dataset:
                 raise _missing("statically binarized MNIST", folder, "downloads are off",
                                f"Get binarized_mnist_{{train,valid,test}}.amat from {AMAT_URL.format('SPLIT')}.")
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".part")
-                urllib.request.urlretrieve(AMAT_URL.format(split), tmp)
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp: urllib.request.urlretrieve(AMAT_URL.format(split), tmp))
             except Exception as e:
                 raise _missing("statically binarized MNIST", folder, str(e),
                                f"Get binarized_mnist_{{train,valid,test}}.amat from {AMAT_URL.format('SPLIT')}.") from None
@@ -647,7 +711,9 @@ def _celeba_split(root: Path, split: str, download: bool) -> np.ndarray:
     folder = root / CelebA.base_folder
     cache = folder / f"pyro_vae_{split}_crop{CELEBA_CROP}_{CELEBA_SIDE}.npy"
     if cache.is_file():
-        return np.load(cache)
+        cached = read_arrays(cache)
+        if isinstance(cached, np.ndarray):
+            return cached
     files = ("img_align_celeba/ (unpacked from img_align_celeba.zip), list_eval_partition.txt, "
              "identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt")
     source = _open("celeba", "CelebA", root, CelebA.base_folder, files,
@@ -656,10 +722,7 @@ def _celeba_split(root: Path, split: str, download: bool) -> np.ndarray:
     for i, name in enumerate(source.filename):
         x[i] = _celeba_image(folder / "img_align_celeba" / name)
     try:  # the cache is a convenience: a read-only data folder only makes the next load slower
-        tmp = cache.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            np.save(f, x)
-        os.replace(tmp, cache)
+        write_npy(cache, x)
     except OSError:
         pass
     return x

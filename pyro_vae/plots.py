@@ -16,12 +16,14 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import as_chw
+from .runs import atomic_write
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    """Save atomically (``atomic_write``); the format comes from ``path``'s suffix, given
+    explicitly since the temporary's name ends in another."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight"))
 
 
 def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:

@@ -5,22 +5,28 @@
     RUN/checkpoint.pt    latest full state (model, optimizer, RNG, history): resume from it
     RUN/best.pt          model weights at the best validation bound
     RUN/figures/         plots
-    RUN/eval-*.json      results of ``pyro-vae evaluate``
+    RUN/eval-*.json      results of ``pyro-vae evaluate`` (and .npz per image, .png)
+    RUN/codes-*.npz      ``pyro-vae encode``; RUN/clusters-*.json, .npz ``pyro-vae cluster``
 
-Checkpoints are written atomically (temporary file, then rename) and read with
+``RUN_ENTRIES`` and ``RUN_FOLDERS`` name all of it, once: ``--overwrite`` removes those
+names and nothing else. Every output is written by ``atomic_write`` (a temporary file in
+the same folder, then one rename), so a full disk, a kill or an error leaves the old file
+or the new one, never a truncated one. Checkpoints are read with
 ``torch.load(weights_only=True)``, so no code runs from a crafted file.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import os
-import shutil
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError, Flag, RunError
@@ -33,17 +39,115 @@ except ImportError:  # not on Windows: no lock there
 CHECKPOINT_FORMAT = 1
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` in one rename."""
+#: Shell patterns of every file name that pyro_vae writes at the top of a run directory:
+#: its config, metrics, checkpoints, the default outputs of evaluate, encode and cluster,
+#: the lock, and the temporary files of ``atomic_write`` and ``check_writable``.
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "best.pt", ".lock",
+               "eval-*.json", "eval-*.npz", "eval-*.png", "codes-*.npz", "clusters-*.json", "clusters-*.npz",
+               ".*.tmp", ".pyro_vae-probe-*")
+#: The folders it writes there, each with the patterns of the files it writes into them:
+#: the plots and ``pyro-vae sample``'s array; TensorBoard's event files.
+RUN_FOLDERS = {"figures": ("*.png", "samples.npy", ".*.tmp", ".pyro_vae-probe-*"),
+               "tensorboard": ("events.out.tfevents.*",)}
+#: The top-level entries of a config.json that pyro_vae wrote, and their JSON types: how a
+#: folder is recognised as a pyro_vae run (``is_run_config``).
+CONFIG_ENTRIES: dict[str, type] = {"model": str, "model_config": dict, "train": dict, "data": dict}
+
+
+def atomic_write(path: str | Path, write: Any) -> Path:
+    """Call ``write(tmp_path)`` on a new temporary file beside ``path``, then move it onto
+    ``path`` in one rename: readers, a kill or a full disk see the old file or the new one,
+    never a part. A failed write removes its temporary. The temporary is made with the
+    permissions of an ordinary new file (the umask's), which it passes on to ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` into ``path``, atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON into ``path``, atomically."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Arrays into a compressed ``.npz``, atomically (through a file object: given a name,
+    numpy would append ``.npz`` to the temporary's)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    """One array into a ``.npy``, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json that pyro_vae wrote: a JSON object whose entries
+    ``model`` (a string), ``model_config``, ``train`` and ``data`` (objects) are all there.
+    A file of that common name in any other project is not one."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and all(isinstance(config.get(k), kind) for k, kind in CONFIG_ENTRIES.items())
+
+
+def _ours(entry: Path, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
+
+
+def _shown(entry: Path, folder: Path) -> str:
+    name = str(entry.relative_to(folder))
+    return name + "/" if entry.is_dir() and not entry.is_symlink() else name
+
+
+def removable_entries(path: Path) -> tuple[list[Path], list[str]]:
+    """What ``--overwrite`` would remove from the run directory ``path`` (its files, links
+    and folders, each folder after what it holds), and what stands in its way: entries
+    whose names pyro_vae does not write there (``RUN_ENTRIES``, ``RUN_FOLDERS``). A link
+    counts as a file under its own name, whatever it points to: it is unlinked, never
+    followed. The lock is neither: it stays held."""
+    remove: list[Path] = []
+    foreign: list[str] = []
+    for entry in sorted(path.iterdir()):
+        if entry.name == RunDir.LOCK:
+            continue
+        folder = entry.is_dir() and not entry.is_symlink()
+        if folder and entry.name in RUN_FOLDERS:
+            for item in sorted(entry.iterdir()):
+                ours = _ours(item, RUN_FOLDERS[entry.name]) and (item.is_symlink() or item.is_file())
+                remove.append(item) if ours else foreign.append(_shown(item, path))
+            remove.append(entry)
+        elif (entry.is_symlink() or entry.is_file()) and _ours(entry, (*RUN_ENTRIES, *RUN_FOLDERS)):
+            remove.append(entry)
+        else:
+            foreign.append(_shown(entry, path))
+    return remove, foreign
 
 
 def check_writable(path: str | Path) -> None:
@@ -80,20 +184,33 @@ class RunDir:
         return (self.path / "checkpoint.pt").is_file()
 
     @staticmethod
-    def check_free(path: str | Path, overwrite: bool = False) -> None:
+    def check_free(path: str | Path, overwrite: bool = False) -> list[Path]:
         """Refuse a path that already holds something: runs are never overwritten unless
-        ``overwrite`` is given, and then only a run directory (a folder with config.json)."""
+        ``overwrite`` is given, and then only a pyro_vae run (``is_run_config``) that holds
+        nothing but what pyro_vae writes (``RUN_ENTRIES``). Returns what overwriting it
+        removes (nothing for a new or empty folder); nothing is removed here."""
         path = Path(path)
+        if path.is_symlink() and not path.exists():
+            raise RunError(f"{path} is a link to nothing; the run directory must be a folder")
         if path.exists() and not path.is_dir():
             raise RunError(f"{path} is a file; the run directory must be a folder")
         if not path.exists() or not any(p.name != RunDir.LOCK for p in path.iterdir()):
-            return
+            return []
         run = RunDir(path)
-        if overwrite and run.is_run():
-            return
         if overwrite:
-            raise RunError(f"{path} holds files but is not a run directory (no config.json); "
-                           "it is not overwritten: pick another {run_dir}", run_dir=Flag("run_dir"))
+            config = path / "config.json"
+            if not is_run_config(config):
+                why = ("its config.json is not a pyro_vae run's (it lacks one of "
+                       + ", ".join(CONFIG_ENTRIES) + ")") if config.exists() else "it holds no config.json"
+                raise RunError(f"{path} is not a run directory ({why}), so it is not overwritten and nothing "
+                               "was removed: pick another {run_dir}", run_dir=Flag("run_dir"))
+            remove, foreign = removable_entries(path)
+            if foreign:
+                shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+                raise RunError(f"{path} holds a run and also files that pyro_vae did not write ({shown}), so it "
+                               "is not overwritten and nothing was removed: move them, or pick another {run_dir}",
+                               run_dir=Flag("run_dir"))
+            return remove
         if run.is_run() and not run.has_checkpoint():
             raise RunError(f"{path} holds a run that stopped before its first checkpoint; start it afresh "
                            "with {overwrite}, or pick another {run_dir}",
@@ -106,16 +223,16 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, config: dict[str, Any], overwrite: bool = False) -> RunDir:
         """Make a new run directory (``overwrite``: in place of an old run, whose files
-        are removed) and write its config. The directory comes back locked."""
+        are removed: only the names pyro_vae writes, links unlinked and never followed)
+        and write its config. The directory comes back locked."""
         cls.check_free(path, overwrite)
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         run.lock()
         try:
-            cls.check_free(path, overwrite)  # again, now that no one else can start in it
-            for item in run.path.iterdir():
-                if item.name != cls.LOCK:
-                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+            # again, now that no one else can start in it
+            for item in cls.check_free(path, overwrite):
+                item.rmdir() if item.is_dir() and not item.is_symlink() else item.unlink(missing_ok=True)
             run.write_json("config.json", config)
         except BaseException:
             run.unlock()
@@ -134,8 +251,16 @@ class RunDir:
         """Hold the run's lock file, so that no second process trains it at the same time.
         An advisory ``flock``: the system releases it when the process ends, however it
         ends, so a crash never leaves a run locked. Stale temporary files of an earlier,
-        killed process are removed once it is held."""
-        handle = open(self.path / self.LOCK, "a+")
+        killed process are removed once it is held. A link in the lock's place is refused,
+        not followed: the pid written into the lock would overwrite its target."""
+        where = self.path / self.LOCK
+        try:
+            fd = os.open(where, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError:
+            if where.is_symlink():
+                raise RunError(f"{where} is a link, not the lock file pyro_vae makes; remove the link") from None
+            raise
+        handle = os.fdopen(fd, "r+")
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,7 +277,7 @@ class RunDir:
         self._lock = handle
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        if self.figures.is_dir():
+        if self.figures.is_dir() and not self.figures.is_symlink():  # a link's target is not the run's
             for tmp in self.figures.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
@@ -173,8 +298,7 @@ class RunDir:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise RunError(f"cannot read {path}: {e}") from None
-        entries = {"model": str, "model_config": dict, "train": dict, "data": dict}
-        bad = [k for k, kind in entries.items() if not isinstance(config, dict) or not isinstance(config.get(k), kind)]
+        bad = [k for k, kind in CONFIG_ENTRIES.items() if not isinstance(config, dict) or not isinstance(config.get(k), kind)]
         data = config.get("data") if isinstance(config, dict) else None
         if not bad and not (isinstance(data.get("x_dim"), int) and data["x_dim"] > 0):
             bad.append("data.x_dim")
@@ -188,15 +312,12 @@ class RunDir:
         return config
 
     def write_json(self, name: str, obj: Any) -> Path:
-        path = self.path / name
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-        return path
+        return write_json(self.path / name, obj)
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl, and the same as metrics.csv (one column per key), from the
         full history (so a resumed run has no duplicates)."""
-        text = "".join(json.dumps(row) + "\n" for row in history)
-        atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        write_text(self.path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
         columns = list(dict.fromkeys(k for row in history for k in row))
 
         def write_csv(tmp: str) -> None:

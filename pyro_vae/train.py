@@ -232,8 +232,9 @@ def fit(
 
     ``model_config`` is the family's config dataclass or a dict of its fields; ``train``
     the ``TrainConfig``. ``log`` receives one line per epoch; ``progress`` shows a bar.
-    ``overwrite`` replaces a run already in ``run_dir`` (never a folder that is not a
-    run); ``resume`` continues the run in ``run_dir`` where it stopped, up to
+    ``overwrite`` replaces a run already in ``run_dir``: only a pyro_vae run that holds
+    nothing but the files pyro_vae writes, and only those are removed
+    (``RunDir.check_free``); ``resume`` continues the run in ``run_dir`` where it stopped, up to
     ``train.epochs``, if it has a checkpoint, and starts it otherwise: a notebook cell
     that can be run again.
     """

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pyro_vae.data import Dataset
+from pyro_vae.runs import removable_entries
 
 from helpers import FAST, assert_clean_error, invoke, make_binary_images, signal_during_batch
 
@@ -188,6 +189,7 @@ def test_gmvae_fit_evaluate_cluster_plot(tiny_labelled, tmp_path):
     assignment = np.load(run / "clusters-test.npz")["assignment"]
     assert clusters["components"] == 3 and sum(clusters["sizes"]) == 40 == len(assignment)
     assert 0.5 <= clusters["accuracy"] <= 1 and "clustering accuracy" in result.output
+    assert removable_entries(run)[1] == []
 
     for figure in (run / "figures").iterdir():
         figure.unlink()
@@ -218,6 +220,7 @@ def test_ssvae_fit_evaluate_sample_by_class(tiny_labelled, tmp_path):
     assert summary["accuracy"] + summary["error"] == pytest.approx(1.0)
     assert sum(summary["calibration"]["count"]) == 40
     assert "classifier accuracy" in result.output and (run / "eval-test-iw10-reliability.png").is_file()
+    assert removable_entries(run)[1] == []
 
     result = invoke("sample", run, "--by-class", "-n", 3, "--output", tmp_path / "c.png", "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -338,6 +341,7 @@ def test_evaluating_the_best_checkpoint_keeps_the_last_ones_file(trained):
     assert (trained / "eval-valid-iw4.json").read_bytes() == last
     assert json.loads((trained / "eval-valid-iw4-best.json").read_text())["checkpoint"] == "best"
     assert_clean_error(invoke("evaluate", trained, "--iw", 4), "no test images")
+    assert removable_entries(trained)[1] == []  # every name written here is one --overwrite knows
 
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])

@@ -412,3 +412,76 @@ def test_split_chunks_read_a_uint8_split_as_its_floats():
     assert torch.equal(torch.cat(chunks), ds.split("train")) and torch.equal(ds.split("train") * 255, x.float())
     with pytest.raises(DataError, match="no 'test' split"):
         next(ds.split_chunks("test"))
+
+
+def _npy_bytes(array) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _flip_middle(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+GOOD = np.random.default_rng(0).random((50, 16)).astype(np.float32)
+UNREADABLE_ARRAYS = {
+    "object array in a .npy": ("a.npy", lambda p: p.write_bytes(_npy_bytes(np.array([{"x": 1}] * 3, dtype=object))),
+                               "holds Python objects"),
+    "object array in a .npz": ("a.npz", lambda p: np.savez(p, train=GOOD, test=np.array([[1], "a"], dtype=object)),
+                               r"a.npz\[test\]: it holds Python objects"),
+    "a pickle named .npy": ("a.npy", lambda p: p.write_bytes(pickle.dumps(GOOD)), "a Python pickle"),
+    "text named .npy": ("a.npy", lambda p: p.write_text("1 2 3\n"), "neither a .npy nor an .npz"),
+    "an empty file": ("a.npy", lambda p: p.write_bytes(b""), "is empty"),
+    "a truncated .npy": ("a.npy", lambda p: p.write_bytes(_npy_bytes(GOOD)[:1000]), "truncated or corrupt"),
+    "a truncated .npy header": ("a.npy", lambda p: p.write_bytes(_npy_bytes(GOOD)[:30]), "header is truncated"),
+    "a truncated .npz": ("a.npz", lambda p: (np.savez(p, train=GOOD), p.write_bytes(p.read_bytes()[:900])),
+                         "truncated or corrupt .npz"),
+    "a corrupt compressed .npz": ("a.npz", lambda p: (np.savez_compressed(p, train=GOOD), _flip_middle(p)),
+                                  "truncated or corrupt"),
+    "a zip that is not an .npz": ("a.npz", lambda p: _zip(p, {"readme.txt": "hello"}), "member readme.txt is not"),
+    "an .npz member that is not an array": ("a.npz", lambda p: _zip(p, {"train.npy": _npy_bytes(GOOD),
+                                                                       "notes.txt": "x"}), "member notes.txt"),
+    "an .npz member that is a folder": ("a.npz", lambda p: _zip(p, {"train.npy": _npy_bytes(GOOD), "sub/": ""}),
+                                        "member sub/"),
+    "an empty .npz": ("a.npz", lambda p: _zip(p, {}), "holds no arrays"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE_ARRAYS))
+def test_every_unreadable_array_file_is_one_line_without_unsafe_advice(tmp_path, case):
+    """Each way a user's array can fail to load is a DataError of one line that names the
+    file and never suggests loading it with allow_pickle; from the command line too."""
+    name, make, fragment = UNREADABLE_ARRAYS[case]
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(DataError, match=fragment) as e:
+        load_dataset(str(path))
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "allow_pickle" not in message
+    result = CliRunner().invoke(main, ["fit", "vae", "--dataset", str(path), "--run-dir", str(tmp_path / "r"),
+                                       "--epochs", "1", "--device", "cpu", "-q"], catch_exceptions=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output and "allow_pickle" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")] == [f"Error: {message}"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_row_files_are_read_without_unpickling(tmp_path):
+    from pyro_vae.data import read_rows
+
+    (tmp_path / "rows.npy").write_bytes(_npy_bytes(np.array([1, "2"], dtype=object)))
+    with pytest.raises(DataError, match="rows.npy: it holds Python objects") as e:
+        read_rows(tmp_path / "rows.npy")
+    assert "allow_pickle" not in str(e.value)
+    np.save(tmp_path / "ok.npy", np.array([3, 1]))
+    assert read_rows(tmp_path / "ok.npy").tolist() == [3, 1]

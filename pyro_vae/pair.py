@@ -34,6 +34,7 @@ from typing import Any
 import pyro
 import torch
 from pyro.nn.module import _is_module_local_param_enabled
+from pyro.poutine.util import is_validation_enabled
 
 from .errors import PyroVAEError
 
@@ -87,6 +88,8 @@ class PairFunction(torch.nn.Module):
             context.__dict__.setdefault("param_state", {"params": {}, "constraints": {}})
         elif not context.active:
             check_parameter_store(family)
+        if self.method == "model" and not context.active and is_validation_enabled():
+            family.check_inputs(args, kwargs)
         with context, warnings.catch_warnings():
             # frozen weights (M1+M2's M1) stay out of the store, as they should: no warning per step
             warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad=False")

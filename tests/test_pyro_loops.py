@@ -237,3 +237,16 @@ def test_importing_and_using_the_package_leaves_a_users_pyro_code_as_it_was(tmp_
     assert result["before"]["bias"][0] == pytest.approx(1.0, abs=0.1)
     first, *later = result["states"]
     assert all(state == first for state in later)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_images_off_the_likelihoods_support_are_refused_in_one_line_from_svi(name, data):
+    from pyro_vae.errors import DataError
+
+    model = initialised(name, data)
+    grey = torch.rand(10, model.x_dim)
+    svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": LR}), objective_for(name, model.default_objective))
+    with pytest.raises(DataError) as error:
+        svi.step(grey)
+    assert "\n" not in str(error.value) and "not binary" in str(error.value)
+    svi.step(torch.bernoulli(grey))  # binary images train

@@ -177,6 +177,14 @@ class Family(PyroModule):
                 for x in data.split_chunks(name):
                     self.likelihood.check_support(x, f"the {name} split of {data.name}")
 
+    def check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse, in one line, images given to ``model`` off the likelihood's support (grey
+        levels for a Bernoulli, say): called by the pair outside the library's loop, with
+        Pyro's validation on, where Pyro would raise a traceback from inside the trace."""
+        for value in (*args, *kwargs.values()):
+            if torch.is_tensor(value) and value.is_floating_point() and value.shape[-1:] == (self.x_dim,):
+                self.likelihood.check_support(value, "the images given to the model")
+
     def init_from_data(self, data: Dataset, seed: int) -> None:
         """Data-dependent initialisation before training: the decoder's output bias from
         the mean training pixel (the logit of it, for a Bernoulli likelihood)."""

@@ -1,14 +1,15 @@
 """The performance benchmark: our training steps and evaluator against hand-written plain
 PyTorch yardsticks and the machine's own matmul rate, measured side by side in one run.
 
-    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--out DIR]
+    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--steps-only] [--out DIR]
 
 1. step: one training step (loss, backward, the loop's fused Adam) of each model/objective
    pair, eager and compiled (``pyro_vae.compiled``: the trace that ``fit`` runs by
    default), against a plain PyTorch step of the same networks and the same math, written
    below, with the same optimizer, run eagerly and through ``torch.compile``
-   (``--no-torch-compile`` leaves that out). All four run in interleaved rounds (machine
-   noise hits them alike); medians after a warm-up round. Trace and compile times beside.
+   (``--no-torch-compile`` leaves that out), and Pyro's own ``SVI.step`` with
+   ``pyro.optim.Adam`` over the same pair. All run in interleaved rounds (machine noise
+   hits them alike); medians after a warm-up round. Trace and compile times beside.
 2. eval: log p(x) with K importance samples on the test set, in images x particles per
    second, eager and compiled in alternating blocks of images, against the matmul-bound
    rate: the decoder's dense matmuls alone, timed on the same shapes; peak memory of
@@ -38,11 +39,13 @@ import click
 import numpy as np
 import pyro
 import torch
+from pyro.infer import SVI
 from torch.distributions import Normal
 from torch.nn import functional as F
 
 from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective
 from pyro_vae.compiled import Compiled, CompiledLoss
+from pyro_vae.pair import own_parameters
 from pyro_vae.data import toy_binary_images
 from pyro_vae.train import make_optimizer
 
@@ -123,17 +126,20 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _timed_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, sync: Callable[[], None]) -> float:
+def _timed_step(loss_fn: Callable[[], Any], optimizer: torch.optim.Optimizer | None, sync: Callable[[], None]) -> float:
+    """One step's time: loss, backward and the optimizer's step; without an optimizer,
+    ``loss_fn`` is the whole step (Pyro's ``SVI.step``)."""
     start = time.perf_counter()
     loss = loss_fn()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
     sync()
     return time.perf_counter() - start
 
 
-SIDES = ("ours", "compiled", "plain", "plain_compiled")
+SIDES = ("ours", "compiled", "svi", "plain", "plain_compiled")
 
 
 def _torch_compiled(loss: Callable[[], torch.Tensor]) -> tuple[Callable[[], torch.Tensor] | None, float, str]:
@@ -159,13 +165,19 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
     for pair in step_pairs(quick):
         name, config = pair["model"]
         ours = build_model(name, 784, config).to(device)
-        traced, plain, plain_c = (copy.deepcopy(ours) for _ in range(3))
+        traced, plain, plain_c, with_svi = (copy.deepcopy(ours) for _ in range(4))
         objective = make_objective(*pair["objective"])
         compiled = Compiled(traced, "step")
+
+        def own(m: Any, o: Any) -> torch.Tensor:  # as the library's loop runs the pair
+            with own_parameters():
+                return o.differentiable_loss(m.model, m.guide, x)
+
+        svi = SVI(with_svi.model, with_svi.guide, pyro.optim.Adam({"lr": 1e-4}), make_objective(*pair["objective"]))
         fns = {
-            "ours": (lambda m=ours, o=objective: o.differentiable_loss(m.model, m.guide, x), ours),
-            "compiled": (lambda m=traced, o=objective, c=compiled: c(
-                lambda x: o.differentiable_loss(m.model, m.guide, x), (x,)), traced),
+            "ours": (lambda m=ours, o=objective: own(m, o), ours),
+            "compiled": (lambda m=traced, o=objective, c=compiled: c(lambda x: own(m, o), (x,)), traced),
+            "svi": (lambda svi=svi: svi.step(x), None),
             "plain": (lambda m=plain, f=pair["plain"]: f(m, x), plain),
         }
         entry = {"pair": pair, "times": {side: [] for side in SIDES}, "compile_s": None, "why": ""}
@@ -176,7 +188,7 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
             fn, entry["compile_s"], entry["why"] = _torch_compiled(lambda m=plain_c, f=pair["plain"]: f(m, x))
             if fn is not None:
                 fns["plain_compiled"] = (fn, plain_c)
-        entry["run"] = {side: (fn, make_optimizer(m.parameters(), 1e-4)) for side, (fn, m) in fns.items()}
+        entry["run"] = {side: (fn, m and make_optimizer(m.parameters(), 1e-4)) for side, (fn, m) in fns.items()}
         entry["compiled"] = compiled
         entries.append(entry)
     with pyro.validation_enabled(False):
@@ -194,7 +206,8 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
             ms["compiled"] = None
         ratio = lambda a, b: ms[a] / ms[b] if ms[a] and ms[b] else None  # noqa: E731
         result = {"name": entry["pair"]["name"], "ours_ms": ms["ours"], "compiled_ms": ms["compiled"],
-                  "plain_ms": ms["plain"], "plain_compiled_ms": ms["plain_compiled"],
+                  "plain_ms": ms["plain"], "plain_compiled_ms": ms["plain_compiled"], "svi_ms": ms["svi"],
+                  "svi_vs_compiled": ratio("svi", "compiled"), "svi_vs_ours": ratio("svi", "ours"),
                   "ratio": ratio("ours", "plain"), "compiled_ratio": ratio("compiled", "plain"),
                   "compiled_vs_plain_compiled": ratio("compiled", "plain_compiled"),
                   "trace_seconds": entry["trace_s"], "torch_compile_seconds": entry["compile_s"],
@@ -207,7 +220,8 @@ def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo
              f"{fmt(result['ratio'], 'x')}, compiled {fmt(result['compiled_ratio'], 'x')} "
              f"({fmt(result['compiled_vs_plain_compiled'], 'x')} of torch.compile'd); trace {entry['trace_s']:.2f} s"
              + (f", torch.compile {entry['compile_s']:.1f} s" if entry["compile_s"] else "")
-             + (f" (torch.compile failed: {entry['why']})" if entry["why"] else ""))
+             + (f" (torch.compile failed: {entry['why']})" if entry["why"] else "")
+             + f"; Pyro's SVI {fmt(ms['svi'])} ({fmt(result['svi_vs_compiled'], 'x')} of compiled)")
     return results
 
 
@@ -342,6 +356,8 @@ def markdown(results: dict[str, Any]) -> str:
         vs_c = f" ({ratio(s['compiled_vs_plain_compiled'])} of torch.compile'd)" if s.get("plain_compiled_ms") else ""
         lines.append(f"| step: {s['name']} | {ms(s['ours_ms'])} | {ms(s['compiled_ms'])} | "
                      f"{ms(s['plain_ms'])} plain{plain_c} | {ratio(s['ratio'])} | {ratio(s['compiled_ratio'])}{vs_c} |")
+    if "eval" not in results:
+        return "\n".join(lines + ["", svi_table(results)])
     e = results["eval"]
     lines.append(f"| log p(x), {e['images']} images x K={e['particles']} | {e['rate']:,.0f} pairs/s "
                  f"({e['seconds']:.1f} s) | {e['compiled_rate']:,.0f} pairs/s ({e['compiled_seconds']:.1f} s) | "
@@ -355,6 +371,19 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| epoch of {p['dataset']} ({p['steps']} steps) | | {p['epoch_seconds']:.2f} s "
                  f"({p['loop_steps_seconds']:.2f} s in the steps loop) | {p['steps_seconds']:.2f} s steps alone | "
                  f"batches {p['batches_share']:.1%}, end-of-epoch scoring {p['scoring_share']:.1%} | |")
+    return "\n".join(lines + ["", svi_table(results)])
+
+
+def svi_table(results: dict[str, Any]) -> str:
+    """Pyro's own loop (``SVI`` with ``pyro.optim.Adam``) over the same pairs, beside the
+    library's eager and compiled steps."""
+    ms = lambda v: "-" if v is None else f"{v:.2f} ms"  # noqa: E731
+    ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines = ["| step | Pyro's SVI + pyro.optim | ours, eager | ours, compiled | SVI / eager | SVI / compiled |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for s in results["step"]:
+        lines.append(f"| {s['name']} | {ms(s.get('svi_ms'))} | {ms(s['ours_ms'])} | {ms(s['compiled_ms'])} | "
+                     f"{ratio(s.get('svi_vs_ours'))} | {ratio(s.get('svi_vs_compiled'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -369,10 +398,11 @@ def markdown(results: dict[str, Any]) -> str:
 @click.option("--data-dir", default=None, help="dataset folder (default: $PYRO_VAE_DATA)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("experiments/results/benchmark"),
               show_default=True)
+@click.option("--steps-only", is_flag=True, help="only the step benchmark (no evaluation, no epoch)")
 @click.option("--memory-probe", type=int, default=None, hidden=True)
 @click.option("--probe-images", type=int, default=200, hidden=True)
 def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torch_compile: bool | None,
-         data_dir: str | None, out: Path, memory_probe: int | None, probe_images: int) -> None:
+         data_dir: str | None, out: Path, steps_only: bool, memory_probe: int | None, probe_images: int) -> None:
     dev = torch.device(device)
     if memory_probe is not None:
         _memory_probe(memory_probe, probe_images, dev)
@@ -385,7 +415,9 @@ def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torc
         rounds, steps = 1, 2
     results["step"] = bench_steps(dev, rounds, steps, quick, click.echo,
                                   not quick if torch_compile is None else torch_compile)
-    if quick:
+    if steps_only:
+        pass
+    elif quick:
         x = torch.as_tensor(toy_binary_images(50, 28, 0)[0], dtype=torch.float32).reshape(50, 784).to(dev)
         results["eval"] = bench_eval(dev, x, 50, 20, (50, 500), click.echo)
         with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ from .config import MAX_SEED
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import check_writable
 from .models import MODELS
-from .models.gmvae import cluster_accuracy
+from .metrics import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend")

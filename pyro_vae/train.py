@@ -40,6 +40,7 @@ from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
 from .compiled import CompiledLoss, rng_state, set_rng_state
 from .runs import RunDir, check_writable, load_model_state
+from .stacking import stacking
 
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
 ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
@@ -270,8 +271,9 @@ def fit(
     dev = world.device(resolve_device(device))
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
-    family_config = cls.prepare(family_config, train, run_dir, data_dir=data_dir, device=device,
-                                download=download, log=log, progress=progress)
+    stages = stacking(model_name)
+    family_config = stages.prepare(family_config, train, run_dir, fit, data_dir=data_dir, device=device,
+                                   download=download, log=log, progress=progress)
     model_config = dataclasses.asdict(family_config)
     if train.binarize is None and family_config.likelihood != "bernoulli":
         train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
@@ -282,6 +284,8 @@ def fit(
     shape = as_chw(data.image_shape) or (data.x_dim,)
     model = build_model(model_name, shape, model_config)
     model.check_data(data, train.seed)
+    stages.check_data(model.config, data)
+    stages.load(model)
     config = {
         "model": model_name,
         "model_config": model_config,
@@ -330,6 +334,7 @@ def resume(
     data = world.main_first(lambda: train.load_data(data_dir, download))
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     model.check_data(data, train.seed)
+    stacking(config["model"]).check_data(model.config, data)
     with world.together():
         if world.main:
             run.lock()

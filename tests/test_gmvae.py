@@ -13,7 +13,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae.keyed import DrawKeys, keyed_normal
 from pyro_vae import GMVAE, GMVAEConfig, VAE, VAEConfig, estimate_bounds, make_objective
-from pyro_vae.models.gmvae import cluster_accuracy
+from pyro_vae.metrics import cluster_accuracy
 
 X_DIM = 12
 

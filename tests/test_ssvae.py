@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro_vae import SSVAE, SSVAEConfig, TrainConfig, estimate_bounds, fit, load_dataset, resume
 from pyro_vae.data import balanced_subset
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.models.ssvae import calibration
+from pyro_vae.metrics import calibration
 
 X_DIM, C = 10, 3
 

@@ -36,7 +36,8 @@ from ..errors import ConfigError, Flag
 from ..guides import make_flow
 from ..nets import GaussianEncoder, cat_last, make_encoder
 from .base import Shape
-from .ssvae import SemiSupervised, SSVAEConfig
+from .semisupervised import SemiSupervised
+from .ssvae import SSVAEConfig
 
 
 CLASS_DRAW_BLOCK = 100  # draws of a scored at once by a prediction

@@ -105,7 +105,7 @@ class Family(PyroModule):
     @classmethod
     def check_config(cls, config: Any) -> None:
         """Refuse impossible options before anything is built or trained (``fit`` calls it
-        before ``prepare``, the constructor again); families add their own rules."""
+        first, the constructor again); families add their own rules."""
         check_nets_config(config)
 
     @property
@@ -151,13 +151,6 @@ class Family(PyroModule):
         raise NotImplementedError
 
     # --- hooks of the training loop ------------------------------------------------------
-
-    @classmethod
-    def prepare(cls, config: Any, train: Any, run_dir: Path, **runtime: Any) -> Any:
-        """Complete the family's config before the model is built, once ``run_dir`` is
-        known to be free: M1+M2 trains or reads its M1 here. ``runtime`` holds ``fit``'s
-        data_dir, device, download, log and progress. The default returns ``config``."""
-        return config
 
     def check_data(self, data: Dataset, seed: int) -> None:
         """Refuse data this family cannot train on, before the run directory is made: the

@@ -14,7 +14,6 @@ the two forms give the same bounds.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,13 +223,3 @@ class GMVAE(VAE):
         """The most probable component of each row of ``x`` under p(y | x)."""
         return torch.cat([self.component_posterior(x[i : i + batch_size], num_samples).argmax(-1)
                           for i in range(0, x.shape[0], batch_size)])
-
-
-def cluster_accuracy(assignment: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of points whose label is the majority label of their cluster (the usual
-    unsupervised clustering accuracy when there are at least as many clusters as classes)."""
-    majority: dict[int, int] = {}
-    for c in assignment.unique().tolist():
-        majority[c] = Counter(labels[assignment == c].tolist()).most_common(1)[0][0]
-    mapped = torch.tensor([majority[c] for c in assignment.tolist()])
-    return (mapped == labels.cpu()).float().mean().item()

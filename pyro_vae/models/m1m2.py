@@ -41,14 +41,12 @@ from ..errors import ConfigError, DataError, Flag, PyroVAEError
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS
 from ..nets import ACTIVATIONS, DECODERS, ENCODERS, GaussianEncoder, make_classifier, make_encoder
-from ..runs import RunDir, load_model_state
 from .base import Shape
-from .ssvae import SemiSupervised, SSVAEConfig
+from .semisupervised import SemiSupervised
+from .ssvae import SSVAEConfig
 from .vae import VAE, VAEConfig
 
 FEATURES = ("sample", "mean")
-#: the families whose pair is a VAE's, and so can serve as M1
-M1_FAMILIES = ("vae", "iwae")
 #: M1M2Config fields that describe M1, and the VAEConfig fields they stand for
 M1_FIELDS = {"m1_z_dim": "z_dim", "m1_hidden": "hidden", "m1_activation": "activation", "encoder": "encoder",
              "decoder": "decoder", "likelihood": "likelihood", "guide": "guide", "flow_length": "flow_length",
@@ -166,65 +164,10 @@ class M1M2(SemiSupervised):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    # --- M1 from its run ------------------------------------------------------------------
-
-    @classmethod
-    def prepare(cls, config: M1M2Config, train: Any, run_dir: Path, **runtime: Any) -> M1M2Config:
-        """M1's fields from ``--m1-run``, after training M1 into ``RUN_DIR-m1`` when no run
-        is given (continuing it there if an earlier attempt stopped): a plain VAE with the
-        M1 options, on the same data, batches, learning rate and seed, for ``m1_epochs``."""
-        from ..train import fit  # the loop imports the model registry
-
-        if config.m1_run is None:
-            m1_dir = run_dir.with_name(run_dir.name + "-m1")
-            m1_train = dataclasses.replace(train, epochs=config.m1_epochs, objective=None, particles=None,
-                                           beta=1.0, kl_warmup=0.0)
-            if not _finished(m1_dir, config.m1_epochs):
-                log = runtime.get("log")
-                if log:
-                    log(f"training M1 (a VAE, {config.m1_epochs} epochs) into {m1_dir} first")
-                fit("vae", config.m1_config(), m1_train, m1_dir, resume=True, **runtime)
-            config = dataclasses.replace(config, m1_run=str(m1_dir))
-        m1 = _open_m1(config.m1_run)
-        if m1["train"].get("dataset") != train.dataset:
-            raise DataError(f"{{m1_run}} was trained on {m1['train'].get('dataset')}, not {train.dataset}: "
-                            "M1 must be trained on the data M2 learns from", m1_run=Flag("m1_run", config.m1_run))
-        defaults = M1M2Config()
-        taken = {}
-        for own, vae in M1_FIELDS.items():
-            if vae not in m1["model_config"]:
-                continue
-            value, asked = _json_value(m1["model_config"][vae], getattr(config, own)), getattr(config, own)
-            if asked != getattr(defaults, own) and asked != value:
-                raise ConfigError(f"{{{own}}} contradicts {{m1_run}}, whose M1 has {vae} {value!r}: M1's options "
-                                  "are read from its run; leave them out", **{own: Flag(own, asked)},
-                                  m1_run=Flag("m1_run", config.m1_run))
-            taken[own] = value
-        return dataclasses.replace(config, **taken)
-
-    def check_data(self, data: Dataset, seed: int) -> None:
-        """M1's run (while it exists) must have trained on these data, binarized the same
-        way; then the SSVAE's checks of shape, support and labels."""
-        run = self.config.m1_run
-        if run is not None and RunDir(run).is_run():
-            seen = _open_m1(run)["data"]
-            ours = {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
-                    "image_shape": list(data.image_shape) if data.image_shape else None}
-            for key, value in ours.items():
-                if key in seen and seen[key] != value:
-                    raise DataError(f"{{m1_run}} was trained on data with {key} {seen[key]!r}; these have "
-                                    f"{value!r}: M1 must be trained on the data M2 learns from",
-                                    m1_run=Flag("m1_run", run))
-        super().check_data(data, seed)
-
     def init_from_data(self, data: Dataset, seed: int) -> None:
-        """M1's weights from its run (without one, M1's output bias from the data), and the
-        labelled subset."""
-        if self.config.m1_run is not None:
-            run = RunDir.open(self.config.m1_run)
-            state = run.load_checkpoint(map_location=self.device)
-            load_model_state(self.m1, state["model"], run.path)
-        else:
+        """M1's output bias from the data, unless M1 comes from ``m1_run`` (whose weights
+        the training layer copies in), and the labelled subset."""
+        if self.config.m1_run is None:
             self.m1.init_from_data(data, seed)
         self.labelled.copy_(self._labelled_subset(data, seed))
 
@@ -269,36 +212,3 @@ class M1M2(SemiSupervised):
         z1 = self.features(x)
         y = self.classifier(z1).argmax(-1)
         return self.decode_mean(self.encoder(z1, self._onehot(y))[0], y)
-
-
-def _finished(path: Path, epochs: int) -> bool:
-    """Whether ``path`` holds a run whose last checkpoint has ``epochs`` epochs or more."""
-    run = RunDir(path)
-    if not run.has_checkpoint():
-        return False
-    return run.load_checkpoint(map_location="cpu").get("epoch", 0) >= epochs
-
-
-def _open_m1(path: str) -> dict[str, Any]:
-    """The config of the run at ``path``, refused unless it is a VAE run with a readable checkpoint."""
-    where = Flag("m1_run", path)
-    try:
-        run = RunDir.open(path)
-        config = run.config()
-    except PyroVAEError as e:
-        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
-    if config["model"] not in M1_FAMILIES:
-        raise ConfigError(f"{{m1_run}} is a {config['model']} run; M1 must be a {' or '.join(M1_FAMILIES)} run",
-                          m1_run=where)
-    if not run.has_checkpoint():
-        raise ConfigError("{m1_run} has no checkpoint yet: train it for at least one epoch", m1_run=where)
-    try:
-        run.load_checkpoint()  # a damaged one is refused now, before this run's folder is made
-    except PyroVAEError as e:
-        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
-    return config
-
-
-def _json_value(value: Any, like: Any) -> Any:
-    """A config value read from JSON (lists for tuples) in the type of ``like``."""
-    return tuple(value) if isinstance(like, tuple) and isinstance(value, list) else value

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, Flag
 from .likelihoods import BernoulliImage  # noqa: F401  (its home before the likelihood registry)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -155,8 +155,8 @@ def conv_plan(image_shape: tuple[int, int, int] | None, x_dim: int,
 def _width(hidden: Sequence[int], index: int, what: str) -> int:
     """The fully connected width taken from ``hidden``; a conv net needs one."""
     if not hidden:
-        raise ConfigError(f"the conv {what} needs at least one --hidden width for its fully "
-                          "connected layer")
+        raise ConfigError(f"the conv {what} needs at least one {{hidden}} width for its fully "
+                          "connected layer", hidden=Flag("hidden"))
     return int(hidden[index])
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from .data import Dataset
 from .errors import ConfigError, DataError, Flag, PyroVAEError
-from .models.m1m2 import M1_FIELDS, M1M2Config
+from .models import M1M2Config, VAEConfig
 from .runs import RunDir, load_model_state
 
 #: the families whose pair is a VAE's, and so can serve as M1
@@ -46,9 +46,10 @@ class M1Stacking(Stacking):
 
     def prepare(self, config: M1M2Config, train: Any, run_dir: Path, fit: Callable[..., Any],
                 **runtime: Any) -> M1M2Config:
-        """M1's fields from ``m1_run``, after training M1 into ``RUN_DIR-m1`` when no run is
-        given (continuing it there if an earlier attempt stopped): a plain VAE with the M1
-        options, on the same data, batches, learning rate and seed, for ``m1_epochs``."""
+        """M1's config ``m1`` from ``m1_run``, after training M1 into ``RUN_DIR-m1`` when
+        no run is given (continuing it there if an earlier attempt stopped): a plain VAE
+        with the ``m1`` options, on the same data, batches, learning rate and seed, for
+        ``m1_epochs``. An ``m1`` option set to other than its default must agree with the run."""
         if config.m1_run is None:
             m1_dir = run_dir.with_name(run_dir.name + "-m1")
             m1_train = dataclasses.replace(train, epochs=config.m1_epochs, objective=None, particles=None,
@@ -57,24 +58,24 @@ class M1Stacking(Stacking):
                 log = runtime.get("log")
                 if log:
                     log(f"training M1 (a VAE, {config.m1_epochs} epochs) into {m1_dir} first")
-                fit("vae", config.m1_config(), m1_train, m1_dir, resume=True, **runtime)
+                fit("vae", config.m1, m1_train, m1_dir, resume=True, **runtime)
             config = dataclasses.replace(config, m1_run=str(m1_dir))
         m1 = _open_m1(config.m1_run)
         if m1["train"].get("dataset") != train.dataset:
             raise DataError(f"{{m1_run}} was trained on {m1['train'].get('dataset')}, not {train.dataset}: "
                             "M1 must be trained on the data M2 learns from", m1_run=Flag("m1_run", config.m1_run))
-        defaults = M1M2Config()
-        taken = {}
-        for own, vae in M1_FIELDS.items():
-            if vae not in m1["model_config"]:
+        recorded, defaults, taken = m1["model_config"], VAEConfig(), {}
+        for f in dataclasses.fields(VAEConfig):
+            if f.name not in recorded:
                 continue
-            value, asked = _json_value(m1["model_config"][vae], getattr(config, own)), getattr(config, own)
-            if asked != getattr(defaults, own) and asked != value:
-                raise ConfigError(f"{{{own}}} contradicts {{m1_run}}, whose M1 has {vae} {value!r}: M1's options "
-                                  "are read from its run; leave them out", **{own: Flag(own, asked)},
+            asked = getattr(config.m1, f.name)
+            value = _json_value(recorded[f.name], asked)
+            if asked != getattr(defaults, f.name) and asked != value:
+                raise ConfigError(f"{{asked}} contradicts {{m1_run}}, whose M1 has {f.name} {value!r}: M1's options "
+                                  "are read from its run; leave them out", asked=Flag(f"m1.{f.name}", asked),
                                   m1_run=Flag("m1_run", config.m1_run))
-            taken[own] = value
-        return dataclasses.replace(config, **taken)
+            taken[f.name] = value
+        return dataclasses.replace(config, m1=dataclasses.replace(config.m1, **taken))
 
     def check_data(self, config: M1M2Config, data: Dataset) -> None:
         """M1's run (while it exists) must have trained on these data, binarized the same way."""

@@ -112,7 +112,7 @@ def test_labelled_rows_from_a_file_replace_the_seeded_draw(tiny_labelled, tmp_pa
     assert chosen(text) == chosen(tmp_path / "rows.npy") == sorted(rows)
     assert chosen(text, seed=1) == sorted(rows)  # the seed no longer picks them
     for content, message in [("3 3 17 42 99", "more than once"), ("3 17 42 99 180", "outside 0..179"),
-                             ("3 17 x", "integers"), ("3 17 42 99 100 101", "pass --labels 6")]:
+                             ("3 17 x", "integers"), ("3 17 42 99 100 101", "pass labels=6")]:
         text.write_text(content)
         with pytest.raises((DataError, ConfigError), match=message):
             chosen(text)

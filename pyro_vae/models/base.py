@@ -32,7 +32,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ..config import check_choices, option
+from ..config import check_fields, option
 from ..data import Dataset
 from ..errors import ConfigError
 from ..guides import GUIDES
@@ -54,20 +54,10 @@ class NetsConfig(LikelihoodConfig):
                              "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
     guide: str = option("diagonal", "q(z | x): the encoder's diagonal Gaussian, or that Gaussian through "
                         "--flow-length amortized transforms (planar, radial, iaf, sylvester)", GUIDES)
-    flow_length: int = option(10, "transforms of a flow --guide")
+    flow_length: int = option(10, "transforms of a flow --guide", at_least=1)
 
     def likelihood_config(self) -> LikelihoodConfig:
         return LikelihoodConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LikelihoodConfig)})
-
-
-def check_nets_config(config: Any) -> None:
-    """Refuse unknown names and impossible sizes in a family's config, naming the option."""
-    check_choices(config)
-    config.likelihood_config().check()
-    if getattr(config, "z_dim", 1) < 1:
-        raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
-    if config.flow_length < 1:
-        raise ConfigError(f"--flow-length must be at least 1, got {config.flow_length}")
 
 
 class Family(PyroModule):
@@ -105,8 +95,9 @@ class Family(PyroModule):
     @classmethod
     def check_config(cls, config: Any) -> None:
         """Refuse impossible options before anything is built or trained (``fit`` calls it
-        first, the constructor again); families add their own rules."""
-        check_nets_config(config)
+        first, the constructor again): what the fields declare (``config.check_fields``);
+        families add the rules that relate fields to each other."""
+        check_fields(config)
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import plots
-from ..errors import ConfigError
 from ..config import option
 from .base import Shape
 from .vae import VAE, VAEConfig
@@ -36,10 +35,10 @@ from .vae import VAE, VAEConfig
 class GMVAEConfig(VAEConfig):
     """The VAE's networks plus the mixture prior's shape and what of it is learned."""
 
-    components: int = option(10, "mixture components of the prior")
+    components: int = option(10, "mixture components of the prior", at_least=1)
     learn_weights: bool = option(False, "learn the mixture weights (else uniform)")
     learn_prior: bool = option(True, "learn the component means and scales")
-    init_spread: float = option(0.3, "standard deviation of the initial component means")
+    init_spread: float = option(0.3, "standard deviation of the initial component means", at_least=0)
 
 
 def diag_normal_table(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -152,10 +151,6 @@ class GMVAE(VAE):
 
     def __init__(self, shape: Shape | int, config: GMVAEConfig | None = None):
         config = config or GMVAEConfig()
-        if config.components < 1:
-            raise ConfigError(f"--components must be at least 1, got {config.components}")
-        if config.init_spread < 0:
-            raise ConfigError(f"--init-spread must be non-negative, got {config.init_spread}")
         super().__init__(shape, config)
         self.mixture = MixturePrior(config.components, config.z_dim, config.learn_weights,
                                     config.learn_prior, config.init_spread)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from .. import plots
 from ..config import option
 from ..data import Dataset, balanced_subset, read_rows
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, Flag
 from ..metrics import calibration
 from ..nets import ACTIVATIONS, cat_last
 from .base import Family
@@ -45,15 +45,16 @@ class SemiSupervisedConfig:
     the number of classes, which training images are labelled, and the weight of the
     classifier's loss on them."""
 
-    z_dim: int = option(64, "latent dimensions")
+    z_dim: int = option(64, "latent dimensions", at_least=1)
     hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of q(z|x,y) and p(x|y,z), comma separated")
     classifier_hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of the classifier q(y|x), "
                                                 "comma separated")
     activation: str = option("elu", "activation function", ACTIVATIONS)
-    classes: int = option(10, "number of classes of the label y")
+    classes: int = option(10, "number of classes of the label y", at_least=2)
     labels: int = option(100, "labelled training images, the same number per class, drawn by --seed (or the "
                          "number of --labelled-rows); the rest unlabelled")
-    aux_weight: float = option(100.0, "weight of the classification loss -log q(y|x) on labelled images")
+    aux_weight: float = option(100.0, "weight of the classification loss -log q(y|x) on labelled images",
+                               at_least=0)
     labelled_rows: str | None = option(None, "file of the training-split rows to label (integers, or .npy), "
                                        "instead of a class-balanced draw by --seed; --labels must be their number")
 
@@ -77,13 +78,11 @@ class SemiSupervised(Family):
 
     @classmethod
     def check_config(cls, config: SemiSupervisedConfig) -> None:
+        """The fields' own ranges, then at least one labelled image per class."""
         super().check_config(config)
-        if config.classes < 2:
-            raise ConfigError(f"--classes must be at least 2, got {config.classes}")
         if config.labels < config.classes:
-            raise ConfigError(f"--labels must be at least --classes ({config.classes}), got {config.labels}")
-        if config.aux_weight < 0:
-            raise ConfigError(f"--aux-weight must be non-negative, got {config.aux_weight}")
+            raise ConfigError(f"{{labels}} must be at least {{classes}} ({config.classes}), got {config.labels}",
+                              labels=Flag("labels"), classes=Flag("classes"))
 
     def _sample_z_and_y(self, batch: int, y: torch.Tensor | None,
                         kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,12 +114,13 @@ class SemiSupervised(Family):
             raise DataError(f"{data.name} has no class labels; the SSVAE needs them (use mnist, or an "
                             ".npz with train_labels)")
         if int(data.labels["train"].max()) >= self.config.classes:
-            raise ConfigError(f"the labels go up to {int(data.labels['train'].max())} but --classes is "
-                              f"{self.config.classes}")
+            raise ConfigError(f"the labels go up to {int(data.labels['train'].max())} but {{classes}} is "
+                              f"{self.config.classes}", classes=Flag("classes"))
         n = len(data.split("train"))
         if self.config.labels >= n:
-            raise ConfigError(f"--labels {self.config.labels} would label all {n} training images of {data.name}; "
-                              "the SSVAE also learns from unlabelled ones: label fewer")
+            raise ConfigError(f"{{labels}} would label all {n} training images of {data.name}; "
+                              "the SSVAE also learns from unlabelled ones: label fewer",
+                              labels=Flag("labels", self.config.labels))
         self._labelled_subset(data, seed)
 
     def _labelled_subset(self, data: Dataset, seed: int) -> torch.Tensor:
@@ -129,13 +129,15 @@ class SemiSupervised(Family):
         if self.config.labelled_rows is None:
             return balanced_subset(data.labels["train"], self.config.labels, self.config.classes, seed)
         rows = read_rows(self.config.labelled_rows)
-        what = f"--labelled-rows {self.config.labelled_rows}"
+        what = Flag("labelled_rows", self.config.labelled_rows)
         if len(rows.unique()) < len(rows):
-            raise DataError(f"{what} lists some rows more than once; each labelled image counts once")
+            raise DataError("{what} lists some rows more than once; each labelled image counts once", what=what)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(data.split("train"))):
-            raise DataError(f"{what} has rows outside 0..{len(data.split('train')) - 1}, the training split of {data.name}")
+            raise DataError(f"{{what}} has rows outside 0..{len(data.split('train')) - 1}, the training split of "
+                            f"{data.name}", what=what)
         if len(rows) != self.config.labels:
-            raise ConfigError(f"{what} lists {len(rows)} rows; pass --labels {len(rows)}")
+            raise ConfigError(f"{{what}} lists {len(rows)} rows; pass {{labels}}", what=what,
+                              labels=Flag("labels", len(rows)))
         return rows.sort().values
 
     def init_from_data(self, data: Dataset, seed: int) -> None:

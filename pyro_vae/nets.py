@@ -136,14 +136,14 @@ def conv_plan(image_shape: tuple[int, int, int] | None, x_dim: int,
     """
     if image_shape is None:
         raise ConfigError(f"the conv {what} needs images with a (C, H, W) shape; these data are "
-                          f"vectors of {x_dim} values: use --{what} mlp")
+                          f"vectors of {x_dim} values: use {{mlp}}", mlp=Flag(what, "mlp"))
     c, h, w = image_shape
     if c * h * w != x_dim:
         raise ConfigError(f"the conv {what} got image shape {tuple(image_shape)} ({c * h * w} values) "
                           f"for data of {x_dim} values per item")
     if h < CONV_MIN_SIDE or w < CONV_MIN_SIDE:
         raise ConfigError(f"the conv {what} needs H and W of at least {CONV_MIN_SIDE}; these images "
-                          f"are {h}x{w}: use --{what} mlp")
+                          f"are {h}x{w}: use {{mlp}}", mlp=Flag(what, "mlp"))
     sizes: list[tuple[int, int]] = []
     while len(sizes) < 2 or min(h, w) >= 8:
         h, w = (h + 1) // 2, (w + 1) // 2

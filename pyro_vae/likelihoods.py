@@ -319,8 +319,8 @@ class BernoulliLikelihood(Likelihood):
 
     @torch.no_grad()
     def init_bias(self, pixel_mean: torch.Tensor) -> torch.Tensor:
-        """logit(p) = log p - log1p(-p) of the mean clamped to [1e-3, 1 - 1e-3]: the same
-        arithmetic as the old decoder's, so that default runs keep bit-identical weights."""
+        """logit(p) = log p - log1p(-p) of the mean clamped to [1e-3, 1 - 1e-3], so that a
+        pixel that is always 0 (or 1) gets a large but finite logit."""
         p = pixel_mean.clamp(1e-3, 1 - 1e-3)
         return torch.log(p) - torch.log1p(-p)
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError, Flag
-from .likelihoods import BernoulliImage  # noqa: F401  (its home before the likelihood registry)
+from .likelihoods import BernoulliImage  # noqa: F401  (re-exported: importable from here too)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,

@@ -18,7 +18,7 @@ import click
 import torch
 
 from pyro_vae.errors import PyroVAEError
-from pyro_vae.models.ssvae import calibration
+from pyro_vae.metrics import calibration
 from pyro_vae.train import load_run
 
 

@@ -22,11 +22,11 @@ from click.core import ParameterSource
 from . import distributed, plots
 from .evaluation import evaluate_run, nonempty_split, split_data
 from .data import DATASETS, default_data_dir, random_rows
-from .config import MAX_SEED
+from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import check_writable, write_json, write_npy, write_npz
 from .models import MODELS
-from .models.gmvae import cluster_accuracy
+from .metrics import cluster_accuracy
 from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
 
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend")
@@ -64,19 +64,28 @@ def _tuple_of_ints(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _options_from_dataclass(cls: type) -> list[click.Option]:
+#: joins a nested config's field to the field holding it in an option's name (m1__z_dim)
+NESTED = "__"
+
+
+def _options_from_dataclass(cls: type, prefix: str = "", help_prefix: str = "") -> list[click.Option]:
     """One ``--field-name`` option per dataclass field, typed from its annotation, with the
-    help text and choices that the field's metadata carries (``config.option``)."""
+    help text and choices that the field's metadata carries (``config.option``); the fields
+    of a nested config (``config.nested``) become ``--outer-field-name`` options."""
     hints = typing.get_type_hints(cls)
     options = []
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+        hint, name = hints[f.name], prefix + f.name
+        help_text, choices = f.metadata.get("help"), f.metadata.get("choices")
+        if is_nested(f):
+            options += _options_from_dataclass(hint, name + NESTED, f"{help_prefix}{help_text}: ")
+            continue
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if args and typing.get_origin(hint) is not tuple else hint
-        flag = "--" + f.name.replace("_", "-")
-        help_text, choices = f.metadata.get("help"), f.metadata.get("choices")
+        flag = "--" + name.replace(NESTED, "-").replace("_", "-")
+        help_text = help_prefix + help_text if help_text else None
         if base is bool:
-            options.append(click.Option([f"{flag}/--no-{flag[2:]}", f.name], default=f.default,
+            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=f.default,
                                         show_default=True, help=help_text))
             continue
         if choices:
@@ -87,9 +96,24 @@ def _options_from_dataclass(cls: type) -> list[click.Option]:
             kind = {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        options.append(click.Option([flag, f.name], type=kind, default=shown,
+        options.append(click.Option([flag, name], type=kind, default=shown,
                                     show_default=default is not None, help=help_text))
     return options
+
+
+def _values_from_options(cls: type, opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config dict of ``cls`` from the options ``_options_from_dataclass`` made for it."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if is_nested(f):
+            values[f.name] = _values_from_options(hints[f.name], opts, name + NESTED)
+        elif typing.get_origin(hints[f.name]) is tuple:
+            values[f.name] = _tuple_of_ints(opts[name])
+        else:
+            values[f.name] = opts[name]
+    return values
 
 
 @click.group(cls=Group)
@@ -111,25 +135,25 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
     def _fit(ctx: click.Context, world: distributed.World, **opts: Any) -> None:
         log = None if opts["quiet"] else click.echo
         if opts["resume"]:
+            resume = Flag("resume", True, cli="--resume")
             if opts["run_dir"] is None:
-                raise ConfigError("--resume needs the --run-dir of the run to continue")
+                raise ConfigError("{resume} needs the {run_dir} of the run to continue", resume=resume,
+                                  run_dir=Flag("run_dir"))
             if opts["overwrite"]:
-                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+                raise ConfigError("{resume} continues a run and {overwrite} replaces it: pass one of them",
+                                  resume=resume, overwrite=Flag("overwrite", True, cli="--overwrite"))
             given = [k for k in opts if k not in RUNTIME_OPTIONS + ("epochs",)
                      and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
             if given:
-                raise ConfigError(
-                    "a resumed run keeps its saved config; only --epochs may change, not "
-                    + ", ".join("--" + g.replace("_", "-") for g in given))
+                names = {f"given{i}": Flag(g.replace(NESTED, ".")) for i, g in enumerate(given)}
+                raise ConfigError("a resumed run keeps its saved config; only {epochs} may change, not "
+                                  + ", ".join("{" + key + "}" for key in names), epochs=Flag("epochs"), **names)
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
             run = resume_run(opts["run_dir"], epochs=epochs, model_name=name, data_dir=opts["data_dir"],
                              device=opts["device"], download=opts["download"], log=log,
                              progress=not opts["quiet"] and sys.stderr.isatty())
         else:
-            model_fields = {f.name for f in dataclasses.fields(cls.Config)}
-            hints = typing.get_type_hints(cls.Config)
-            model_config = {k: (_tuple_of_ints(opts[k]) if typing.get_origin(hints[k]) is tuple else opts[k])
-                            for k in model_fields}
+            model_config = _values_from_options(cls.Config, opts)
             train = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
             run = fit_model(name, model_config, train, opts["run_dir"], data_dir=opts["data_dir"],
                             device=opts["device"], download=opts["download"], log=log,

@@ -10,8 +10,8 @@ them and the optimizer sees the same tensors; random draws are recorded as rando
 operations (``aten::normal``) and draw from torch's generator on every run, in the order
 eager code would. The graph runs in TorchScript's interpreter without its optimizing
 passes (``torch.jit.optimized_execution(False)``): those re-derive the backward pass
-symbolically and change gradients in the last bits, and measured no faster here, while
-the interpreter calls the very kernels eager code calls. The compiled objective therefore
+symbolically and change gradients in the last bits, while the interpreter calls the very
+kernels eager code calls. The compiled objective therefore
 gives the eager one's loss and gradients bit for bit from the same generator state
 (tested per family and objective), and a run that is resumed, with its traces made at
 other steps, stays exact. The exception is a guide that enumerates (the SSVAE's): a
@@ -63,9 +63,8 @@ Log = Callable[[str], None]
 #: how far a trace may be from eager code and still count as the same computation: relative
 #: to each tensor's largest entry. They agree exactly where the guide enumerates nothing;
 #: where it does, Pyro's TraceEnum_ELBO takes another path for a traced plate size (a
-#: tensor, not a number): up to 4e-7 on the default semi-supervised steps
-#: (experiments/compiled_exactness.py), and more than a first tolerance of 1e-5 on the
-#: benchmark's unlabelled SSVAE step. A branch on the data's values moves them far more.
+#: tensor, not a number), which moves the last bits (experiments/compiled_exactness.py
+#: measures how far). A branch on the data's values moves them far more.
 TOLERANCE = 1e-4
 
 

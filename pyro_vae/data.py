@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, Flag
 from .runs import atomic_write, write_npy
 
 BINARIZATIONS = ("dynamic", "threshold", "none")
@@ -212,14 +212,14 @@ def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> to
     """Indices of ``n`` items, ``n / classes`` of each class, drawn with a fixed seed
     (sorted). The semi-supervised setting of Kingma et al. 2014: 100 labels = 10 a digit."""
     if n % classes:
-        raise DataError(f"--labels {n} cannot be split evenly over {classes} classes")
+        raise DataError(f"{{labels}} cannot be split evenly over {classes} classes", labels=Flag("labels", n))
     gen = torch.Generator().manual_seed(seed)
     picked = []
     for c in range(classes):
         members = (labels == c).nonzero().flatten()
         if len(members) < n // classes:
             raise DataError(f"class {c} has {len(members)} training items; {n // classes} are needed "
-                            f"for --labels {n}")
+                            "for {labels}", labels=Flag("labels", n))
         picked.append(members[torch.randperm(len(members), generator=gen)[: n // classes]])
     return torch.cat(picked).sort().values
 
@@ -284,12 +284,13 @@ def load_dataset(
     if binarize is not None and binarize not in BINARIZATIONS:
         raise DataError(f"unknown binarization {binarize!r}; choose one of {', '.join(BINARIZATIONS)}")
     if layout not in LAYOUTS:
-        raise DataError(f"unknown --layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        raise DataError(f"unknown {{layout}} {layout!r}; choose one of {', '.join(LAYOUTS)}", layout=Flag("layout"))
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     spec = DATASETS.get(source)
     if spec is not None:
         if layout != "auto":
-            raise DataError(f"--layout applies to .npy/.npz files only; {source} has a fixed layout")
+            raise DataError(f"{{layout}} applies to .npy/.npz files only; {source} has a fixed layout",
+                            layout=Flag("layout"))
         ds = spec.load(root, download)
         ds.binarize = binarize or spec.binarize
     elif source.endswith((".npy", ".npz")):
@@ -334,13 +335,14 @@ def _channel_layout(shape: tuple[int, ...], layout: str, what: str) -> str:
             raise DataError(f"{what} has shape {shape}: 4 channels (RGBA?) are not supported; drop "
                             "the alpha channel or composite the images onto a background first")
         if channels not in (1, 3):
-            raise DataError(f"{what} has shape {shape}: with --layout {layout} the channel axis has "
-                            f"{channels} entries, but images have 1 (grey) or 3 (RGB)")
+            raise DataError(f"{what} has shape {shape}: with {{layout}} the channel axis has "
+                            f"{channels} entries, but images have 1 (grey) or 3 (RGB)", layout=Flag("layout", layout))
         return layout
     candidates = [name for name, channels in fits.items() if channels in (1, 3)]
     if len(candidates) == 2:
         raise DataError(f"{what} has shape {shape}, which reads both as (N, H, W, C) and as "
-                        "(N, C, H, W); pass --layout nhwc or --layout nchw")
+                        "(N, C, H, W); pass {nhwc} or {nchw}", nhwc=Flag("layout", "nhwc"),
+                        nchw=Flag("layout", "nchw"))
     if not candidates:
         if 4 in fits.values():
             raise DataError(f"{what} has shape {shape}: 4 channels (RGBA?) are not supported; drop "
@@ -486,7 +488,8 @@ def _load_array(path: Path, valid_fraction: float, seed: int, layout: str = "aut
     if "valid" not in splits:
         x = splits["train"]
         if not 0 < valid_fraction < 1:
-            raise DataError(f"--valid-fraction must lie in (0, 1), got {valid_fraction}")
+            raise DataError(f"{{valid_fraction}} must lie in (0, 1), got {valid_fraction}",
+                            valid_fraction=Flag("valid_fraction"))
         n_valid = max(1, int(round(valid_fraction * x.shape[0])))
         if x.shape[0] - n_valid < 1:
             raise DataError(f"{path} has {x.shape[0]} items: too few to hold out a validation split")
@@ -519,7 +522,7 @@ def _check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
 def _missing(what: str, where: Path, why: str, how: str) -> DataError:
     return DataError(
         f"{what} is not in {where} and could not be downloaded ({why}). {how} "
-        "Or point --data-dir (or PYRO_VAE_DATA) at a folder that holds it."
+        "Or point {data_dir} (or PYRO_VAE_DATA) at a folder that holds it.", data_dir=Flag("data_dir")
     )
 
 

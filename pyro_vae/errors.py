@@ -18,8 +18,9 @@ _UNSET = object()
 
 class Flag:
     """A setting named in an error message: ``--kl-warmup 3`` on the command line,
-    ``kl_warmup=3`` in Python. ``cli`` replaces the command-line wording where the two
-    differ by more than the spelling (e.g. a positional argument)."""
+    ``kl_warmup=3`` in Python. A field of a nested config is named ``outer.inner``
+    (``m1.z_dim``; ``--m1-z-dim`` on the command line). ``cli`` replaces the command-line
+    wording where the two differ by more than the spelling (e.g. a positional argument)."""
 
     def __init__(self, name: str, value: Any = _UNSET, cli: str | None = None):
         self.name, self.value, self.cli_text = name, value, cli
@@ -27,7 +28,7 @@ class Flag:
     def cli(self) -> str:
         if self.cli_text is not None:
             return self.cli_text
-        flag = "--" + self.name.replace("_", "-")
+        flag = "--" + self.name.replace(".", "-").replace("_", "-")
         return flag if self.value is _UNSET else f"{flag} {self.value}"
 
     def api(self) -> str:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from torch.nn import functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, Flag
 
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) = 1
 
@@ -211,12 +211,11 @@ GUIDES: dict[str, Callable[[int, int, int], Flow]] = {
 def make_flow(name: str, features: int, z_dim: int, length: int) -> Flow:
     """The guide ``name`` (``--guide``) with ``length`` transforms (``--flow-length``) of
     R^z_dim conditioned on ``features`` encoder features."""
-    if length < 1:
-        raise ConfigError(f"--flow-length must be at least 1, got {length}")
     try:
         build = GUIDES[name]
     except KeyError:
-        raise ConfigError(f"unknown --guide {name!r}; choose one of {', '.join(GUIDES)}") from None
+        raise ConfigError(f"unknown {{guide}} {name!r}; choose one of {', '.join(GUIDES)}",
+                          guide=Flag("guide")) from None
     return build(features, z_dim, length)
 
 

@@ -5,7 +5,7 @@ P, D)``); a likelihood turns them into a Pyro distribution with event shape ``(D
 that the data lie in its support, gives the mean image for pictures, and proposes the
 decoder's initial output bias from the mean training pixel.
 
-- ``bernoulli``: 0/1 pixels, logits (P = 1). The default; bit-identical to the old decoder.
+- ``bernoulli``: 0/1 pixels, logits (P = 1). The default.
 - ``continuous-bernoulli``: grey levels in [0, 1] with the normalizing constant that makes
   the Bernoulli a density on [0, 1] (Loaiza-Ganem & Cunningham 2019).
 - ``gaussian``: any real values, the decoder gives the mean and the scale is a learned
@@ -30,11 +30,13 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 from torch.nn import functional as F
 
-from .config import option
-from .errors import ConfigError, DataError
+from .config import check_fields, option
+from .errors import ConfigError, DataError, Flag
 
 GAUSSIAN_SCALES = ("pixel", "image")
-GREY_FLAGS = "--likelihood continuous-bernoulli|gaussian|discretized-logistic"
+#: how to name each grey-level likelihood in a message
+GREY = {f"grey{i}": Flag("likelihood", name)
+        for i, name in enumerate(("continuous-bernoulli", "gaussian", "discretized-logistic"))}
 
 
 @dataclass
@@ -43,15 +45,8 @@ class LikelihoodConfig:
 
     gaussian_scale: str = option("pixel", "scale of --likelihood gaussian: a learned scale per pixel, or one "
                                  "for the whole image", GAUSSIAN_SCALES)
-    logistic_mixtures: int = option(5, "mixture components per pixel of --likelihood discretized-logistic")
-
-    def check(self) -> None:
-        """Refuse out-of-range settings with a ConfigError naming the flag."""
-        if self.gaussian_scale not in GAUSSIAN_SCALES:
-            raise ConfigError(f"unknown --gaussian-scale {self.gaussian_scale!r}; "
-                              f"choose one of {', '.join(GAUSSIAN_SCALES)}")
-        if self.logistic_mixtures < 1:
-            raise ConfigError(f"--logistic-mixtures must be at least 1, got {self.logistic_mixtures}")
+    logistic_mixtures: int = option(5, "mixture components per pixel of --likelihood discretized-logistic",
+                                    at_least=1)
 
 
 # ----------------------------------------------------------------------------- distributions
@@ -274,7 +269,7 @@ class Likelihood(nn.Module):
     def __init__(self, x_dim: int, config: LikelihoodConfig | None = None):
         super().__init__()
         self.config = config if config is not None else LikelihoodConfig()
-        self.config.check()
+        check_fields(self.config)
         self.x_dim = x_dim
 
     def distribution(self, params: torch.Tensor) -> dist.Distribution:
@@ -299,7 +294,7 @@ class Likelihood(nn.Module):
     def _check_unit_interval(self, x: torch.Tensor, what: str, needs: str, flags: str) -> None:
         if x.numel() and not ((x >= 0) & (x <= 1)).all():
             raise DataError(f"{what} has values in {_value_range(x)}, outside [0, 1]; "
-                            f"the {self.name} likelihood needs {needs}; {flags}")
+                            f"the {self.name} likelihood needs {needs}; {flags}", **GREY)
 
 
 class BernoulliLikelihood(Likelihood):
@@ -318,12 +313,14 @@ class BernoulliLikelihood(Likelihood):
         super().check_support(x, what)
         if x.numel() and not ((x == 0) | (x == 1)).all():
             raise DataError(f"{what} is not binary (values in {_value_range(x)} other than 0 and 1); "
-                            f"pass --binarize dynamic or threshold, or a grey-level likelihood: {GREY_FLAGS}")
+                            "pass {dynamic} or {threshold}, or a grey-level likelihood: {grey0}, {grey1} or "
+                            "{grey2}", dynamic=Flag("binarize", "dynamic"), threshold=Flag("binarize", "threshold"),
+                            **GREY)
 
     @torch.no_grad()
     def init_bias(self, pixel_mean: torch.Tensor) -> torch.Tensor:
-        """logit(p) = log p - log1p(-p) of the mean clamped to [1e-3, 1 - 1e-3]: the same
-        arithmetic as the old decoder's, so that default runs keep bit-identical weights."""
+        """logit(p) = log p - log1p(-p) of the mean clamped to [1e-3, 1 - 1e-3], so that a
+        pixel that is always 0 (or 1) gets a large but finite logit."""
         p = pixel_mean.clamp(1e-3, 1 - 1e-3)
         return torch.log(p) - torch.log1p(-p)
 
@@ -344,8 +341,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
     def check_support(self, x: torch.Tensor, what: str) -> None:
         super().check_support(x, what)
-        self._check_unit_interval(x, what, "values in [0, 1]",
-                                  "rescale the data to [0, 1] or pass --likelihood gaussian")
+        self._check_unit_interval(x, what, "values in [0, 1]", "rescale the data to [0, 1] or pass {grey1}")
 
     @torch.no_grad()
     def init_bias(self, pixel_mean: torch.Tensor) -> torch.Tensor:
@@ -419,14 +415,14 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     def check_support(self, x: torch.Tensor, what: str) -> None:
         super().check_support(x, what)
-        continuous = "for continuous data pass --likelihood gaussian or continuous-bernoulli"
+        continuous = "for continuous data pass {grey1} or {grey0}"
         self._check_unit_interval(x, what, "8-bit values k/255 (uint8 data divided by 255)", continuous)
         worst = max((((c * 255) - (c * 255).round()).abs().max().item()
                      for c in x.detach().reshape(-1).split(1 << 22)), default=0.0)
         if worst > 1e-4:
             raise DataError(f"{what} has values in {_value_range(x)} that are not multiples of 1/255 "
                             f"(off by up to {worst:.3g}/255); the {self.name} likelihood needs 8-bit "
-                            f"values k/255; {continuous}")
+                            f"values k/255; {continuous}", **GREY)
 
     @torch.no_grad()
     def init_bias(self, pixel_mean: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ConfigError
-from .likelihoods import BernoulliImage  # noqa: F401  (its home before the likelihood registry)
+from .errors import ConfigError, Flag
+from .likelihoods import BernoulliImage  # noqa: F401  (re-exported: importable from here too)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -136,14 +136,14 @@ def conv_plan(image_shape: tuple[int, int, int] | None, x_dim: int,
     """
     if image_shape is None:
         raise ConfigError(f"the conv {what} needs images with a (C, H, W) shape; these data are "
-                          f"vectors of {x_dim} values: use --{what} mlp")
+                          f"vectors of {x_dim} values: use {{mlp}}", mlp=Flag(what, "mlp"))
     c, h, w = image_shape
     if c * h * w != x_dim:
         raise ConfigError(f"the conv {what} got image shape {tuple(image_shape)} ({c * h * w} values) "
                           f"for data of {x_dim} values per item")
     if h < CONV_MIN_SIDE or w < CONV_MIN_SIDE:
         raise ConfigError(f"the conv {what} needs H and W of at least {CONV_MIN_SIDE}; these images "
-                          f"are {h}x{w}: use --{what} mlp")
+                          f"are {h}x{w}: use {{mlp}}", mlp=Flag(what, "mlp"))
     sizes: list[tuple[int, int]] = []
     while len(sizes) < 2 or min(h, w) >= 8:
         h, w = (h + 1) // 2, (w + 1) // 2
@@ -155,8 +155,8 @@ def conv_plan(image_shape: tuple[int, int, int] | None, x_dim: int,
 def _width(hidden: Sequence[int], index: int, what: str) -> int:
     """The fully connected width taken from ``hidden``; a conv net needs one."""
     if not hidden:
-        raise ConfigError(f"the conv {what} needs at least one --hidden width for its fully "
-                          "connected layer")
+        raise ConfigError(f"the conv {what} needs at least one {{hidden}} width for its fully "
+                          "connected layer", hidden=Flag("hidden"))
     return int(hidden[index])
 
 

@@ -38,7 +38,7 @@ class RenyiObjective(ELBO):
 
     def __init__(self, num_particles: int = 1, alpha: float = 0.0, max_plate_nesting: int = 1):
         if not 0 <= alpha < 1:
-            raise ConfigError(f"--alpha must lie in [0, 1) for a Renyi bound, got {alpha}")
+            raise ConfigError(f"{{alpha}} must lie in [0, 1) for a Renyi bound, got {alpha}", alpha=Flag("alpha"))
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.alpha = alpha
 
@@ -125,10 +125,9 @@ class ObjectiveSpec:
     flow_refusal: str = ""  # why a flow guide (``--guide`` other than diagonal) cannot be used
     flow_alternative: str | None = None  # the objective to use instead, then
 
-    def check(self, particles: int, alpha: float, beta: float, kl_warmup: float) -> None:
-        """Refuse settings that this objective cannot use, naming the option."""
-        if particles < 1:
-            raise ConfigError(f"{{particles}} must be at least 1, got {particles}", particles=Flag("particles"))
+    def check(self, alpha: float, beta: float, kl_warmup: float) -> None:
+        """Refuse settings that this objective cannot use, naming the option (the ranges of
+        each setting alone are ``TrainConfig``'s fields')."""
         if self.uses_alpha and not 0 < alpha < 1:
             raise ConfigError(f"{{alpha}} must lie in (0, 1) for {{objective}}, got {alpha}",
                               alpha=Flag("alpha"), objective=Flag("objective", self.name))
@@ -141,8 +140,10 @@ class ObjectiveSpec:
     def check_guide(self, guide: str) -> None:
         """Refuse a flow guide this objective cannot use, with the reason and what to use."""
         if guide != "diagonal" and self.flow_refusal:
-            instead = f"; use --objective {self.flow_alternative}" if self.flow_alternative else ""
-            raise ConfigError(f"--objective {self.name} cannot train --guide {guide}: {self.flow_refusal}{instead}")
+            instead = "; use {instead}" if self.flow_alternative else ""
+            raise ConfigError(f"{{objective}} cannot train {{guide}}: {self.flow_refusal}{instead}",
+                              objective=Flag("objective", self.name), guide=Flag("guide", guide),
+                              instead=Flag("objective", self.flow_alternative))
 
     def for_guide(self, guide: str) -> str:
         """This objective's name, or the one that stands in for it with a flow guide (the
@@ -191,5 +192,5 @@ def make_objective(name: str, particles: int = 1, alpha: float = 0.5) -> ELBO | 
     the ELBOs, importance-weighted for ``iwae`` and ``renyi``; ``alpha`` is renyi's)."""
     spec = objective_spec(name)
     if particles < 1:
-        raise ConfigError(f"--particles must be at least 1, got {particles}")
+        raise ConfigError(f"{{particles}} must be at least 1, got {particles}", particles=Flag("particles"))
     return spec.build(particles, alpha)

@@ -32,7 +32,7 @@ import torch
 from . import plots
 from .distributed import PeerLost, World, current as current_world
 from .keyed import fold
-from .config import MAX_SEED, check_choices, config_from_dict, option
+from .config import MAX_SEED, check_fields, config_from_dict, option
 from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, build_model, model_class
@@ -41,6 +41,7 @@ from .bounds import estimate_bounds
 from .compiled import CompiledLoss, rng_state, set_rng_state
 from .pair import own_parameters
 from .runs import RunDir, check_writable, load_model_state
+from .stacking import stacking
 
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
 ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
@@ -64,23 +65,23 @@ class TrainConfig:
                                   BINARIZATIONS)
     layout: str = option("auto", "how a 4-d user array is laid out: channels last (nhwc) or first (nchw)",
                          LAYOUTS)
-    valid_fraction: float = option(0.1, "share of an array dataset held out for validation")
-    epochs: int = option(100, "passes over the training split")
-    batch_size: int = option(100, "images per step")
-    lr: float = option(1e-3, "Adam's learning rate")
-    lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch")
+    valid_fraction: float = option(0.1, "share of an array dataset held out for validation", above=0, below=1)
+    epochs: int = option(100, "passes over the training split", at_least=1)
+    batch_size: int = option(100, "images per step", at_least=1)
+    lr: float = option(1e-3, "Adam's learning rate", above=0)
+    lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch", above=0, at_most=1)
     lr_schedule: str = option("exponential", "exponential: --lr times --lr-decay^epoch; burda: Burda et al. "
                               "2016's, 3^i epochs at --lr x 10^(-i/7) for i = 0..7 (3,280 in all; the last "
                               "rate after), with Adam's eps 1e-4", LR_SCHEDULES)
     objective: str | None = option(None, "ELBO flavour (default: the model's own)", OBJECTIVES)
     particles: int | None = option(None, "samples per datapoint in the objective (default: the model's, 1; "
-                                   "5 for iwae)")
+                                   "5 for iwae)", at_least=1)
     alpha: float = option(0.5, "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO")
-    beta: float = option(1.0, "weight of the KL term")
-    kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta")
-    grad_clip: float | None = option(None, "clip the global gradient norm to this")
-    seed: int = option(0, "seed of the weights, the batches and the binarization")
-    eval_size: int = option(10_000, "train and validation images scored after each epoch")
+    beta: float = option(1.0, "weight of the KL term", above=0)
+    kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", at_least=0)
+    grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
+    seed: int = option(0, "seed of the weights, the batches and the binarization", at_least=0, at_most=MAX_SEED)
+    eval_size: int = option(10_000, "train and validation images scored after each epoch", at_least=1)
     compile: bool = option(True, "trace the Pyro objective once per batch shape and run the trace: the same "
                            "loss and gradients without Pyro's per-step Python (falls back to eager code, "
                            "saying why, where it cannot apply)")
@@ -91,27 +92,16 @@ class TrainConfig:
                             self.layout)
 
     def check(self) -> None:
-        """Reject values that cannot work, with the option's name in the message."""
-        check_choices(self)
-        rules = [
-            ("epochs", self.epochs >= 1, "at least 1"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", self.lr > 0, "positive"),
-            ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
-            ("lr_decay", self.lr_schedule != "burda" or self.lr_decay == 1, "1 with --lr-schedule burda (the "
-             "schedule sets every epoch's rate)"),
-            ("beta", self.beta > 0, "positive"),
-            ("kl_warmup", self.kl_warmup >= 0, "non-negative"),
-            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "positive"),
-            ("eval_size", self.eval_size >= 1, "at least 1"),
-            ("seed", 0 <= self.seed <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
-            ("valid_fraction", 0 < self.valid_fraction < 1, "in (0, 1)"),
-        ]
-        for name, ok, what in rules:
-            if not ok:
-                raise ConfigError(f"{{flag}} must be {what}, got {getattr(self, name)!r}", flag=Flag(name))
+        """Reject values that cannot work, with the option's name in the message: the
+        fields' declared ranges, a decay beside the schedule that sets every rate, and what
+        the objective cannot use."""
+        check_fields(self)
+        if self.lr_schedule == "burda" and self.lr_decay != 1:
+            raise ConfigError(f"{{lr_decay}} must be 1 with {{schedule}} (the schedule sets every epoch's rate), "
+                              f"got {self.lr_decay!r}", lr_decay=Flag("lr_decay"),
+                              schedule=Flag("lr_schedule", "burda"))
         if self.objective is not None:
-            objective_spec(self.objective).check(self.particles or 1, self.alpha, self.beta, self.kl_warmup)
+            objective_spec(self.objective).check(self.alpha, self.beta, self.kl_warmup)
 
 
 @dataclass
@@ -272,8 +262,9 @@ def fit(
     dev = world.device(resolve_device(device))
     if train.dataset.endswith((".npy", ".npz")):
         train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
-    family_config = cls.prepare(family_config, train, run_dir, data_dir=data_dir, device=device,
-                                download=download, log=log, progress=progress)
+    stages = stacking(model_name)
+    family_config = stages.prepare(family_config, train, run_dir, fit, data_dir=data_dir, device=device,
+                                   download=download, log=log, progress=progress)
     model_config = dataclasses.asdict(family_config)
     if train.binarize is None and family_config.likelihood != "bernoulli":
         train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
@@ -284,6 +275,8 @@ def fit(
     shape = as_chw(data.image_shape) or (data.x_dim,)
     model = build_model(model_name, shape, model_config)
     model.check_data(data, train.seed)
+    stages.check_data(model.config, data)
+    stages.load(model)
     config = {
         "model": model_name,
         "model_config": model_config,
@@ -332,6 +325,7 @@ def resume(
     data = world.main_first(lambda: train.load_data(data_dir, download))
     model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
     model.check_data(data, train.seed)
+    stacking(config["model"]).check_data(model.config, data)
     with world.together():
         if world.main:
             run.lock()
@@ -558,8 +552,8 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _S
                 raise TrainingDiverged(
                     f"the loss became {value} at epoch {state.epoch + 1}, batch {state.batch + 1}; stopped. "
                     f"The last good checkpoint (end of epoch {state.history[-1]['epoch'] if state.history else 0}) "
-                    f"is kept in {s.run.path}. Try a lower --lr or --grad-clip 10"
-                )
+                    f"is kept in {s.run.path}. Try a lower {{lr}} or {{grad_clip}}",
+                    lr=Flag("lr"), grad_clip=Flag("grad_clip", 10))
             if train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(s.model.parameters(), train.grad_clip)
             s.optimizer.step()

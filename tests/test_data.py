@@ -300,7 +300,7 @@ def test_celeba_cropped_to_64_from_the_partition_file_and_cached(tmp_path, no_md
 def test_missing_files_say_where_and_how(tmp_path, name):
     if name == "svhn" and not has_scipy():
         pytest.skip("without scipy svhn stops earlier (test_svhn_without_scipy_says_so)")
-    with pytest.raises(DataError, match="--data-dir") as e:
+    with pytest.raises(DataError, match="data_dir") as e:
         load_dataset(name, tmp_path / "empty", download=False)
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
     assert "pyro-vae download" in str(e.value) or ".amat" in str(e.value)
@@ -364,8 +364,9 @@ def test_array_layouts_are_read_channel_first(tmp_path, make, shape, note):
 @pytest.mark.parametrize("shape", [(6, 3, 32, 3), (6, 1, 28, 1)])
 def test_ambiguous_layouts_need_the_flag(tmp_path, shape):
     np.save(tmp_path / "a.npy", np.zeros(shape, np.uint8))
-    with pytest.raises(DataError, match="--layout nhwc or --layout nchw"):
+    with pytest.raises(DataError, match="layout='nhwc' or layout='nchw'") as refused:
         load_dataset(str(tmp_path / "a.npy"))
+    assert "pass --layout nhwc or --layout nchw" in refused.value.cli_message()
     ds = load_dataset(str(tmp_path / "a.npy"), layout="nchw")
     assert ds.image_shape == shape[1:] and "channels first" in ds.note
     assert load_dataset(str(tmp_path / "a.npy"), layout="nhwc").image_shape == (shape[3], shape[1], shape[2])
@@ -374,7 +375,7 @@ def test_ambiguous_layouts_need_the_flag(tmp_path, shape):
 @pytest.mark.parametrize("array, layout, fragment", [
     (np.zeros((5, 4, 4, 4), np.uint8), "auto", "RGBA"),
     (np.zeros((5, 8, 8, 4), np.uint8), "nhwc", "RGBA"),
-    (np.zeros((5, 8, 8, 3), np.uint8), "nchw", "with --layout nchw the channel axis has 8"),
+    (np.zeros((5, 8, 8, 3), np.uint8), "nchw", "with layout='nchw' the channel axis has 8"),
     (np.zeros((5, 2, 4, 5), np.float32), "auto", r"shape \(5, 2, 4, 5\)"),
     (np.zeros((5, 1, 4, 4, 1), np.float32), "auto", "shape"),
     (np.zeros((5, 4, 4), np.complex64), "auto", "dtype complex64"),
@@ -382,7 +383,7 @@ def test_ambiguous_layouts_need_the_flag(tmp_path, shape):
     (np.full((5, 4, 4, 3), 300.0), "auto", r"\[0, 1\]"),
     (np.full((5, 3, 4, 4), -0.5, np.float32), "auto", r"\[0, 1\]"),
     (np.full((5, 4, 4, 3), np.nan, np.float32), "auto", "NaN"),
-    (np.zeros((5, 4, 4), np.float32), "sideways", "unknown --layout"),
+    (np.zeros((5, 4, 4), np.float32), "sideways", "unknown layout"),
 ])
 def test_bad_arrays_are_refused_in_one_line(tmp_path, array, layout, fragment):
     np.save(tmp_path / "bad.npy", array)
@@ -392,7 +393,7 @@ def test_bad_arrays_are_refused_in_one_line(tmp_path, array, layout, fragment):
 
 
 def test_layout_is_refused_for_named_datasets(mnist_root):
-    with pytest.raises(DataError, match="--layout applies to .npy/.npz"):
+    with pytest.raises(DataError, match="layout applies to .npy/.npz"):
         load_dataset("mnist", mnist_root, download=False, layout="nhwc")
 
 

@@ -13,7 +13,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae.keyed import DrawKeys, keyed_normal
 from pyro_vae import GMVAE, GMVAEConfig, VAE, VAEConfig, estimate_bounds, make_objective
-from pyro_vae.models.gmvae import cluster_accuracy
+from pyro_vae.metrics import cluster_accuracy
 
 X_DIM = 12
 
@@ -166,11 +166,14 @@ def test_samples_and_assignments_have_the_right_shapes(gmvae):
     assert model.assign(x, batch_size=4).shape == (6,)
 
 
-@pytest.mark.parametrize("config,match", [({"components": 0}, "--components"), ({"init_spread": -1.0}, "--init-spread")])
-def test_bad_mixture_configs_are_refused(config, match):
+@pytest.mark.parametrize("config,match,flag", [({"components": 0}, "^components must be at least 1", "--components"),
+                                               ({"init_spread": -1.0}, "^init_spread must be non-negative",
+                                                "--init-spread")])
+def test_bad_mixture_configs_are_refused(config, match, flag):
     from pyro_vae.errors import ConfigError
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as refused:
         GMVAE(X_DIM, GMVAEConfig(**config))
+    assert refused.value.cli_message().startswith(flag)
 
 
 def test_component_normal_is_the_gathered_diagonal_normal():

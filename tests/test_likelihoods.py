@@ -43,9 +43,9 @@ def test_registry_and_config_errors():
     with pytest.raises(ConfigError) as e:
         make_likelihood("poisson", 4, LikelihoodConfig())
     assert "poisson" in str(e.value) and all(n in str(e.value) for n in NAMES)
-    with pytest.raises(ConfigError, match="--gaussian-scale"):
+    with pytest.raises(ConfigError, match="gaussian_scale"):
         make_likelihood("gaussian", 4, LikelihoodConfig(gaussian_scale="channel"))
-    with pytest.raises(ConfigError, match="--logistic-mixtures"):
+    with pytest.raises(ConfigError, match="logistic_mixtures"):
         make_likelihood("discretized-logistic", 4, LikelihoodConfig(logistic_mixtures=0))
     assert make_likelihood("discretized-logistic", 4, LikelihoodConfig(logistic_mixtures=3)).params_per_value == 9
     for name in ("bernoulli", "continuous-bernoulli", "gaussian"):
@@ -314,13 +314,18 @@ def test_check_support_accepts_and_rejects_the_right_data():
                 lik.check_support(x, "the training split of toy")
             message = str(e.value)
             assert "\n" not in message and message.startswith("the training split of toy"), message
-            assert name in message or "--binarize" in message, message
+            assert name in message or "binarize=" in message, message
     lik = make_likelihood("bernoulli", 6)
-    with pytest.raises(DataError, match="not binary.*--binarize dynamic or threshold.*--likelihood continuous-bernoulli"):
+    with pytest.raises(DataError, match="not binary.*binarize='dynamic' or binarize='threshold'.*"
+                                        "likelihood='continuous-bernoulli'") as refused:
         lik.check_support(grey, "x")
-    with pytest.raises(DataError, match=r"not multiples of 1/255.*--likelihood gaussian or continuous-bernoulli"):
+    assert "--binarize dynamic or --binarize threshold" in refused.value.cli_message()
+    assert "--likelihood continuous-bernoulli" in refused.value.cli_message()
+    with pytest.raises(DataError, match=r"not multiples of 1/255.*likelihood='gaussian' or "
+                                        r"likelihood='continuous-bernoulli'") as refused:
         make_likelihood("discretized-logistic", 6).check_support(grey, "x")
-    with pytest.raises(DataError, match=r"values in \[-1, 2\], outside \[0, 1\].*--likelihood gaussian"):
+    assert "--likelihood gaussian or --likelihood continuous-bernoulli" in refused.value.cli_message()
+    with pytest.raises(DataError, match=r"values in \[-1, 2\], outside \[0, 1\].*likelihood='gaussian'"):
         make_likelihood("discretized-logistic", 6).check_support(torch.tensor([-1.0, 2.0]), "x")
     with pytest.raises(DataError, match="outside"):
         make_likelihood("continuous-bernoulli", 6).check_support(outside, "x")

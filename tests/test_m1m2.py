@@ -13,7 +13,7 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
-from pyro_vae import M1M2, M1M2Config, TrainConfig, fit, load_run, make_objective, resume
+from pyro_vae import M1M2, M1M2Config, TrainConfig, VAEConfig, fit, load_run, make_objective, resume
 from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError, DataError
 
@@ -21,14 +21,14 @@ from helpers import FAST, assert_clean_error, assert_scores_and_samples_by_class
 
 C, Z1, Z2 = 3, 4, 2
 SMALL = {"z_dim": 2, "hidden": (16,), "classifier_hidden": (16,), "classes": 4, "labels": 8,
-         "m1_z_dim": 4, "m1_hidden": (16,), "m1_epochs": 2}
+         "m1": {"z_dim": 4, "hidden": (16,)}, "m1_epochs": 2}
 
 
 @pytest.fixture
 def pair():
     torch.manual_seed(4)
     model = M1M2(10, M1M2Config(z_dim=Z2, hidden=(8,), classifier_hidden=(8,), activation="softplus", classes=C,
-                                labels=C, m1_z_dim=Z1, m1_hidden=(8,)))
+                                labels=C, m1=VAEConfig(z_dim=Z1, hidden=(8,))))
     model.eval()  # z1 drawn from q(z1 | x), as every bound is scored
     return model, torch.bernoulli(torch.full((5, 10), 0.4))
 
@@ -171,7 +171,7 @@ def test_an_m1_run_that_cannot_serve_is_refused(tiny_labelled, tiny_npy, tmp_pat
                                   value), option)
         assert not out.exists() and not (tmp_path / "early-m1").exists()
     # M1's options come from its run: one that contradicts it is refused
-    for option, value in (("--m1-hidden", 32), ("--m1-z-dim", 3), ("--encoder", "conv")):
+    for option, value in (("--m1-hidden", 32), ("--m1-z-dim", 3), ("--m1-encoder", "conv")):
         assert_clean_error(invoke("fit", "m1m2", "--dataset", tiny_labelled, "--m1-run", vae, option, value,
                                   "--run-dir", tmp_path / "m", *common), option, "contradicts")
     # the same data binarized otherwise is other data
@@ -191,5 +191,14 @@ def test_cli_fit_evaluate_and_sample_by_class_through_both_stages(tiny_labelled,
     assert result.exit_code == 0, result.output
     assert (tmp_path / "mm-m1" / "config.json").is_file()  # M1 trained first, beside the run
     config = json.loads((run / "config.json").read_text())["model_config"]
-    assert (config["m1_z_dim"], config["m1_hidden"], config["m1_run"]) == (4, [16], str(tmp_path / "mm-m1"))
+    assert (config["m1"]["z_dim"], config["m1"]["hidden"], config["m1_run"]) == (4, [16], str(tmp_path / "mm-m1"))
     assert_scores_and_samples_by_class(run, tmp_path)
+    # a run directory written while M1's options were flat fields (m1_z_dim, encoder, ...) still loads
+    nested = load_run(run).model.config
+    whole = json.loads((run / "config.json").read_text())
+    m1 = whole["model_config"].pop("m1")
+    whole["model_config"].update({("m1_" + k if k in ("z_dim", "hidden", "activation") else k): v for k, v in m1.items()})
+    (run / "config.json").write_text(json.dumps(whole))
+    assert "m1_z_dim" in json.loads((run / "config.json").read_text())["model_config"]
+    assert load_run(run).model.config == nested
+    assert invoke("evaluate", run, "--iw", 2, "--limit", 5).exit_code == 0

@@ -59,7 +59,7 @@ def test_colour_images_through_the_conv_pair():
     ({"encoder": "resnet"}, "choose one of mlp, conv"),
     ({"decoder": "nope"}, "choose one of mlp, conv"),
     ({"likelihood": "poisson"}, "choose one of bernoulli"),
-    ({"z_dim": 0}, "--z-dim"),
+    ({"z_dim": 0}, "^z_dim must be at least 1"),
 ])
 def test_unknown_parts_are_refused_with_the_choices(config, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -67,8 +67,9 @@ def test_unknown_parts_are_refused_with_the_choices(config, fragment):
 
 
 def test_conv_nets_refuse_vectors_and_tiny_images():
-    with pytest.raises(ConfigError, match="--encoder mlp"):
+    with pytest.raises(ConfigError, match="encoder='mlp'") as refused:
         build_model("vae", (64,), {**NETS, "encoder": "conv"})
+    assert refused.value.cli_message().endswith("use --encoder mlp")
     with pytest.raises(ConfigError, match="at least 4"):
         build_model("vae", (1, 3, 8), {**NETS, "decoder": "conv"})
 

@@ -71,18 +71,19 @@ def test_conv_decoder_output_is_parameter_major():
 
 
 def test_conv_nets_refuse_shapes_they_cannot_take():
-    with pytest.raises(ConfigError, match="--encoder mlp"):
+    with pytest.raises(ConfigError, match="encoder='mlp'"):
         ConvEncoder(None, 784, (200,), "relu")
     with pytest.raises(ConfigError, match="at least 4"):
         ConvEncoder((1, 3, 8), 24, (200,), "relu")
     with pytest.raises(ConfigError, match="at least 4"):
         ConvDecoder(5, (1, 8, 2), 16, 1, (200,), "relu")
-    with pytest.raises(ConfigError, match="--decoder mlp"):
+    with pytest.raises(ConfigError, match="decoder='mlp'"):
         ConvDecoder(5, None, 16, 1, (200,), "relu")
     with pytest.raises(ConfigError, match="784 values"):
         ConvDecoder(5, (1, 28, 28), 783, 1, (200,), "relu")
-    with pytest.raises(ConfigError, match="--hidden"):
+    with pytest.raises(ConfigError, match="hidden width") as refused:
         ConvEncoder((1, 28, 28), 784, (), "relu")
+    assert "one --hidden width" in refused.value.cli_message()
 
 
 def test_conv_gradients_reach_every_parameter():

@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro_vae import SSVAE, SSVAEConfig, TrainConfig, estimate_bounds, fit, load_dataset, resume
 from pyro_vae.data import balanced_subset
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.models.ssvae import calibration
+from pyro_vae.metrics import calibration
 
 X_DIM, C = 10, 3
 
@@ -112,7 +112,7 @@ def test_labelled_rows_from_a_file_replace_the_seeded_draw(tiny_labelled, tmp_pa
     assert chosen(text) == chosen(tmp_path / "rows.npy") == sorted(rows)
     assert chosen(text, seed=1) == sorted(rows)  # the seed no longer picks them
     for content, message in [("3 3 17 42 99", "more than once"), ("3 17 42 99 180", "outside 0..179"),
-                             ("3 17 x", "integers"), ("3 17 42 99 100 101", "pass --labels 6")]:
+                             ("3 17 x", "integers"), ("3 17 42 99 100 101", "pass labels=6")]:
         text.write_text(content)
         with pytest.raises((DataError, ConfigError), match=message):
             chosen(text)

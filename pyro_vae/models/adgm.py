@@ -32,11 +32,11 @@ from pyro import poutine
 from torch import nn
 
 from ..config import option
-from ..errors import ConfigError, Flag
 from ..guides import make_flow
 from ..nets import GaussianEncoder, cat_last, make_encoder
 from .base import Shape
-from .ssvae import SemiSupervised, SSVAEConfig
+from .semisupervised import SemiSupervised
+from .ssvae import SSVAEConfig
 
 
 CLASS_DRAW_BLOCK = 100  # draws of a scored at once by a prediction
@@ -48,8 +48,9 @@ class ADGMConfig(SSVAEConfig):
     latent a: its size, and the draws of it that a prediction averages over. q(a | x) and
     p(a | x, y, z) have the ``hidden`` layers, q(y | a, x) the ``classifier_hidden`` ones."""
 
-    a_dim: int = option(64, "dimensions of the auxiliary latent a")
-    class_draws: int = option(16, "draws of a ~ q(a | x) over which a prediction averages q(y | a, x)")
+    a_dim: int = option(64, "dimensions of the auxiliary latent a", at_least=1)
+    class_draws: int = option(16, "draws of a ~ q(a | x) over which a prediction averages q(y | a, x)",
+                              at_least=1)
 
 
 class ADGM(SemiSupervised):
@@ -72,13 +73,6 @@ class ADGM(SemiSupervised):
         self._likelihood_and_decoder(c.z_dim + c.classes, tuple(reversed(c.hidden)))
         self.flow = make_flow(c.guide, self.encoder.body.out_dim, c.z_dim, c.flow_length)
         self._register_labelled()
-
-    @classmethod
-    def check_config(cls, config: ADGMConfig) -> None:
-        super().check_config(config)
-        for name in ("a_dim", "class_draws"):
-            if getattr(config, name) < 1:
-                raise ConfigError(f"{{{name}}} must be at least 1, got {getattr(config, name)}", **{name: Flag(name)})
 
     # --- the conditionals -------------------------------------------------------------
 

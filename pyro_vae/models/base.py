@@ -32,7 +32,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from ..config import check_choices, option
+from ..config import check_fields, option
 from ..data import Dataset
 from ..errors import ConfigError
 from ..guides import GUIDES
@@ -55,20 +55,10 @@ class NetsConfig(LikelihoodConfig):
                              "gaussian or discretized-logistic (8-bit data) for grey levels and colour", LIKELIHOODS)
     guide: str = option("diagonal", "q(z | x): the encoder's diagonal Gaussian, or that Gaussian through "
                         "--flow-length amortized transforms (planar, radial, iaf, sylvester)", GUIDES)
-    flow_length: int = option(10, "transforms of a flow --guide")
+    flow_length: int = option(10, "transforms of a flow --guide", at_least=1)
 
     def likelihood_config(self) -> LikelihoodConfig:
         return LikelihoodConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LikelihoodConfig)})
-
-
-def check_nets_config(config: Any) -> None:
-    """Refuse unknown names and impossible sizes in a family's config, naming the option."""
-    check_choices(config)
-    config.likelihood_config().check()
-    if getattr(config, "z_dim", 1) < 1:
-        raise ConfigError(f"--z-dim must be at least 1, got {config.z_dim}")
-    if config.flow_length < 1:
-        raise ConfigError(f"--flow-length must be at least 1, got {config.flow_length}")
 
 
 class Family(PyroModule):
@@ -107,8 +97,9 @@ class Family(PyroModule):
     @classmethod
     def check_config(cls, config: Any) -> None:
         """Refuse impossible options before anything is built or trained (``fit`` calls it
-        before ``prepare``, the constructor again); families add their own rules."""
-        check_nets_config(config)
+        first, the constructor again): what the fields declare (``config.check_fields``);
+        families add the rules that relate fields to each other."""
+        check_fields(config)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy (copy.deepcopy, pickle) is another model: its parameters get a name of their own
@@ -158,13 +149,6 @@ class Family(PyroModule):
         raise NotImplementedError
 
     # --- hooks of the training loop ------------------------------------------------------
-
-    @classmethod
-    def prepare(cls, config: Any, train: Any, run_dir: Path, **runtime: Any) -> Any:
-        """Complete the family's config before the model is built, once ``run_dir`` is
-        known to be free: M1+M2 trains or reads its M1 here. ``runtime`` holds ``fit``'s
-        data_dir, device, download, log and progress. The default returns ``config``."""
-        return config
 
     def check_data(self, data: Dataset, seed: int) -> None:
         """Refuse data this family cannot train on, before the run directory is made: the

@@ -18,16 +18,14 @@ on fixed features plus a constant; what is scored, in evaluation mode, always dr
 from q(z1 | x), so every bound reported is a bound). Labels are predicted by q(y | z1) at
 the mean of q(z1 | x).
 
-The labelled subset, the batches and the loss are the SSVAE's (``SemiSupervised``). The
-fields ``encoder``, ``decoder``, ``likelihood``, ``guide`` and ``m1_*`` describe M1: read
-from the ``--m1-run`` given, or used to train M1 first when none is.
+The labelled subset, the batches and the loss are the SSVAE's (``SemiSupervised``). M1's
+config, ``m1``, is read from the ``--m1-run`` given, or used to train M1 first when none
+is: ``stacking`` does either, so that this module only models.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -35,57 +33,51 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from ..config import option
+from ..config import nested, option
 from ..data import Dataset
-from ..errors import ConfigError, DataError, Flag, PyroVAEError
-from ..guides import GUIDES
-from ..likelihoods import LIKELIHOODS
-from ..nets import ACTIVATIONS, DECODERS, ENCODERS, GaussianEncoder, make_classifier, make_encoder
-from ..runs import RunDir, load_model_state
+from ..nets import GaussianEncoder, make_classifier, make_encoder
 from .base import Shape
-from .ssvae import SemiSupervised, SSVAEConfig
+from .semisupervised import SemiSupervised, SemiSupervisedConfig
 from .vae import VAE, VAEConfig
 
 FEATURES = ("sample", "mean")
-#: the families whose pair is a VAE's, and so can serve as M1
-M1_FAMILIES = ("vae", "iwae")
-#: M1M2Config fields that describe M1, and the VAEConfig fields they stand for
-M1_FIELDS = {"m1_z_dim": "z_dim", "m1_hidden": "hidden", "m1_activation": "activation", "encoder": "encoder",
-             "decoder": "decoder", "likelihood": "likelihood", "guide": "guide", "flow_length": "flow_length",
-             "gaussian_scale": "gaussian_scale", "logistic_mixtures": "logistic_mixtures"}
+#: the keys of M1's settings in the flat configs written before M1 had a config of its own
+#: (``m1_z_dim``, and the unprefixed network, likelihood and guide options), with the
+#: ``VAEConfig`` field each became
+FLAT_M1_KEYS = {"m1_z_dim": "z_dim", "m1_hidden": "hidden", "m1_activation": "activation",
+                **{name: name for name in ("encoder", "decoder", "likelihood", "guide", "flow_length",
+                                           "gaussian_scale", "logistic_mixtures")}}
 
 
 @dataclass
-class M1M2Config(SSVAEConfig):
-    """M2's networks and semi-supervised setting (the SSVAE's options, over M1's features)
-    and M1: a trained VAE run, or the VAE to train first. The network, likelihood and guide
-    options describe M1; M2's networks are fully connected."""
+class M1M2Config(SemiSupervisedConfig):
+    """M2's networks and semi-supervised setting (the SSVAE's options, over M1's features;
+    M2's networks are fully connected) and M1: a trained VAE run, or the VAE to train first,
+    whose config ``m1`` is (``--m1-z-dim``, ``--m1-likelihood``, ...)."""
 
-    encoder: str = option("mlp", "M1's encoder network (when M1 is trained here)", ENCODERS)
-    decoder: str = option("mlp", "M1's decoder network (when M1 is trained here)", DECODERS)
-    likelihood: str = option("bernoulli", "M1's p(x | z1) of each pixel (when M1 is trained here; see fit vae)",
-                             LIKELIHOODS)
-    guide: str = option("diagonal", "M1's q(z1 | x) (when M1 is trained here; see fit vae)", GUIDES)
-    flow_length: int = option(10, "transforms of a flow --guide of M1")
-    z_dim: int = option(64, "dimensions of M2's latent z2")
+    z_dim: int = option(64, "dimensions of M2's latent z2", at_least=1)
     hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of q(z2|z1,y) and p(z1|y,z2), comma "
                                      "separated")
     classifier_hidden: tuple[int, ...] = option((300, 300), "hidden layer sizes of the classifier q(y|z1), "
                                                 "comma separated")
+    m1: VAEConfig = nested(VAEConfig, "M1 (when trained here)",
+                           formerly=FLAT_M1_KEYS)
     m1_run: str | None = option(None, "a trained vae or iwae run on the same data to take M1 from; without it "
                                 "M1 is trained first, into RUN_DIR-m1 (continued there if it was stopped)")
-    m1_z_dim: int = option(50, "M1's latent dimensions, the features M2 models (when M1 is trained here)")
-    m1_hidden: tuple[int, ...] = option((200, 200), "M1's hidden layer sizes, comma separated (when M1 is "
-                                        "trained here)")
-    m1_activation: str = option("tanh", "M1's activation function (when M1 is trained here)", ACTIVATIONS)
-    m1_epochs: int = option(100, "epochs of M1's training (when M1 is trained here)")
+    m1_epochs: int = option(100, "epochs of M1's training (when M1 is trained here)", at_least=1)
     features: str = option("sample", "what M2 trains on: a draw from q(z1 | x) at every step (sample, as Kingma "
                            "et al.), or its mean", FEATURES)
     train_m1: bool = option(False, "also train M1's weights on the stacked objective (default: M1 frozen)")
 
-    def m1_config(self) -> VAEConfig:
-        """M1's VAE config, from the ``M1_FIELDS`` of this one."""
-        return VAEConfig(**{vae: getattr(self, own) for own, vae in M1_FIELDS.items()})
+    # what the training loop reads of every family's config: here M1's, whose likelihood
+    # scores the pixels and whose guide draws z1
+    @property
+    def likelihood(self) -> str:
+        return self.m1.likelihood
+
+    @property
+    def guide(self) -> str:
+        return self.m1.guide
 
 
 class M1M2(SemiSupervised):
@@ -96,9 +88,9 @@ class M1M2(SemiSupervised):
     def __init__(self, shape: Shape | int, config: M1M2Config | None = None):
         super().__init__(shape, config or M1M2Config())
         c = self.config
-        self.m1 = VAE(self.shape, c.m1_config())
+        self.m1 = VAE(self.shape, c.m1)
         self.m1.requires_grad_(c.train_m1)
-        d = c.m1_z_dim
+        d = c.m1.z_dim
         self.classifier = make_classifier("mlp", None, d, c.classifier_hidden, c.activation, c.classes)
         self.encoder = GaussianEncoder(make_encoder("mlp", None, d, c.hidden, c.activation, cond_dim=c.classes),
                                        c.z_dim)
@@ -106,16 +98,6 @@ class M1M2(SemiSupervised):
         self.feature_decoder = GaussianEncoder(
             make_encoder("mlp", None, c.z_dim, tuple(reversed(c.hidden)), c.activation, cond_dim=c.classes), d)
         self._register_labelled()
-
-    @classmethod
-    def check_config(cls, config: M1M2Config) -> None:
-        """M1's own sizes first (M1 may be trained before the model is built), then the rest."""
-        if config.m1_epochs < 1:
-            raise ConfigError(f"{{m1_epochs}} must be at least 1, got {config.m1_epochs}",
-                              m1_epochs=Flag("m1_epochs"))
-        if config.m1_z_dim < 1:
-            raise ConfigError(f"{{m1_z_dim}} must be at least 1, got {config.m1_z_dim}", m1_z_dim=Flag("m1_z_dim"))
-        super().check_config(config)
 
     # M1's pieces are what the loop and the checks mean by "the" likelihood and decoder
     @property
@@ -130,7 +112,7 @@ class M1M2(SemiSupervised):
         return self.training and self.config.features == "mean"
 
     def feature_density(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
-        """p(z1 | y, z2), event shape (m1_z_dim,)."""
+        """p(z1 | y, z2), event shape (m1.z_dim,)."""
         loc, scale = self.feature_decoder(z, self._onehot(y))
         return dist.Normal(loc, scale).to_event(1)
 
@@ -164,65 +146,10 @@ class M1M2(SemiSupervised):
         with poutine.scale(scale=kl_weight):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    # --- M1 from its run ------------------------------------------------------------------
-
-    @classmethod
-    def prepare(cls, config: M1M2Config, train: Any, run_dir: Path, **runtime: Any) -> M1M2Config:
-        """M1's fields from ``--m1-run``, after training M1 into ``RUN_DIR-m1`` when no run
-        is given (continuing it there if an earlier attempt stopped): a plain VAE with the
-        M1 options, on the same data, batches, learning rate and seed, for ``m1_epochs``."""
-        from ..train import fit  # the loop imports the model registry
-
-        if config.m1_run is None:
-            m1_dir = run_dir.with_name(run_dir.name + "-m1")
-            m1_train = dataclasses.replace(train, epochs=config.m1_epochs, objective=None, particles=None,
-                                           beta=1.0, kl_warmup=0.0)
-            if not _finished(m1_dir, config.m1_epochs):
-                log = runtime.get("log")
-                if log:
-                    log(f"training M1 (a VAE, {config.m1_epochs} epochs) into {m1_dir} first")
-                fit("vae", config.m1_config(), m1_train, m1_dir, resume=True, **runtime)
-            config = dataclasses.replace(config, m1_run=str(m1_dir))
-        m1 = _open_m1(config.m1_run)
-        if m1["train"].get("dataset") != train.dataset:
-            raise DataError(f"{{m1_run}} was trained on {m1['train'].get('dataset')}, not {train.dataset}: "
-                            "M1 must be trained on the data M2 learns from", m1_run=Flag("m1_run", config.m1_run))
-        defaults = M1M2Config()
-        taken = {}
-        for own, vae in M1_FIELDS.items():
-            if vae not in m1["model_config"]:
-                continue
-            value, asked = _json_value(m1["model_config"][vae], getattr(config, own)), getattr(config, own)
-            if asked != getattr(defaults, own) and asked != value:
-                raise ConfigError(f"{{{own}}} contradicts {{m1_run}}, whose M1 has {vae} {value!r}: M1's options "
-                                  "are read from its run; leave them out", **{own: Flag(own, asked)},
-                                  m1_run=Flag("m1_run", config.m1_run))
-            taken[own] = value
-        return dataclasses.replace(config, **taken)
-
-    def check_data(self, data: Dataset, seed: int) -> None:
-        """M1's run (while it exists) must have trained on these data, binarized the same
-        way; then the SSVAE's checks of shape, support and labels."""
-        run = self.config.m1_run
-        if run is not None and RunDir(run).is_run():
-            seen = _open_m1(run)["data"]
-            ours = {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
-                    "image_shape": list(data.image_shape) if data.image_shape else None}
-            for key, value in ours.items():
-                if key in seen and seen[key] != value:
-                    raise DataError(f"{{m1_run}} was trained on data with {key} {seen[key]!r}; these have "
-                                    f"{value!r}: M1 must be trained on the data M2 learns from",
-                                    m1_run=Flag("m1_run", run))
-        super().check_data(data, seed)
-
     def init_from_data(self, data: Dataset, seed: int) -> None:
-        """M1's weights from its run (without one, M1's output bias from the data), and the
-        labelled subset."""
-        if self.config.m1_run is not None:
-            run = RunDir.open(self.config.m1_run)
-            state = run.load_checkpoint(map_location=self.device)
-            load_model_state(self.m1, state["model"], run.path)
-        else:
+        """M1's output bias from the data, unless M1 comes from ``m1_run`` (whose weights
+        the training layer copies in), and the labelled subset."""
+        if self.config.m1_run is None:
             self.m1.init_from_data(data, seed)
         self.labelled.copy_(self._labelled_subset(data, seed))
 
@@ -267,36 +194,3 @@ class M1M2(SemiSupervised):
         z1 = self.features(x)
         y = self.classifier(z1).argmax(-1)
         return self.decode_mean(self.encoder(z1, self._onehot(y))[0], y)
-
-
-def _finished(path: Path, epochs: int) -> bool:
-    """Whether ``path`` holds a run whose last checkpoint has ``epochs`` epochs or more."""
-    run = RunDir(path)
-    if not run.has_checkpoint():
-        return False
-    return run.load_checkpoint(map_location="cpu").get("epoch", 0) >= epochs
-
-
-def _open_m1(path: str) -> dict[str, Any]:
-    """The config of the run at ``path``, refused unless it is a VAE run with a readable checkpoint."""
-    where = Flag("m1_run", path)
-    try:
-        run = RunDir.open(path)
-        config = run.config()
-    except PyroVAEError as e:
-        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
-    if config["model"] not in M1_FAMILIES:
-        raise ConfigError(f"{{m1_run}} is a {config['model']} run; M1 must be a {' or '.join(M1_FAMILIES)} run",
-                          m1_run=where)
-    if not run.has_checkpoint():
-        raise ConfigError("{m1_run} has no checkpoint yet: train it for at least one epoch", m1_run=where)
-    try:
-        run.load_checkpoint()  # a damaged one is refused now, before this run's folder is made
-    except PyroVAEError as e:
-        raise ConfigError(f"{{m1_run}}: {e}", m1_run=where) from None
-    return config
-
-
-def _json_value(value: Any, like: Any) -> Any:
-    """A config value read from JSON (lists for tuples) in the type of ``like``."""
-    return tuple(value) if isinstance(like, tuple) and isinstance(value, list) else value

@@ -35,7 +35,7 @@ from .base import Family, NetsConfig, Shape
 class VAEConfig(NetsConfig):
     """Network shape of the VAE. Defaults: the one-stochastic-layer net of Burda et al. 2016."""
 
-    z_dim: int = option(50, "latent dimensions")
+    z_dim: int = option(50, "latent dimensions", at_least=1)
     hidden: tuple[int, ...] = option((200, 200), "hidden layer sizes, comma separated (the decoder "
                                      "mirrors them; conv nets use the last as their dense layer)")
     activation: str = option("tanh", "activation function", ACTIVATIONS)

@@ -14,6 +14,12 @@ set, the sum of labelled ELBOs plus the sum of unlabelled bounds, so the labelle
 ELBO is scaled by its share: (labelled images / unlabelled images) x (unlabelled batch /
 labelled batch). Without that scale a few labelled images, seen at every step, would
 weigh as much in the ELBO as all the unlabelled ones.
+
+The pair takes the whole step: ``model(x, labelled_x=..., labelled_y=..., share=...)``
+holds the unlabelled images in the plate "data" and the labelled batch in the plate
+"labelled" (its sites named "labelled/z", ...), with the auxiliary term as a factor, so
+one ELBO over the pair is the step's loss and Pyro's ``SVI`` trains it as the library's
+loop does (``pair_arguments`` turns a batch into those arguments).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .models import (ADGM, GMVAE, IWAE, M1M2, MODELS, SSVAE, VAE, Family, GMVAEC
                      ADGMConfig, M1M2Config, build_model)
 from .nets import DECODERS, ENCODERS
 from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, make_objective
-from .train import Run, TrainConfig, fit, load_run, resume
+from .train import Run, RunConfig, TrainConfig, fit, load_run, resolve, resume
 
 pyro.settings.set(module_local_params=True)
 
@@ -28,6 +28,6 @@ __all__ = [
     "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "CompiledLoss", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
     "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "M1M2", "M1M2Config", "load_run", "log_weights",
     "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec",
-    "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
+    "PyroVAEError", "RenyiObjective", "resolve", "resume", "Run", "RunConfig", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
     "VAEConfig",
 ]

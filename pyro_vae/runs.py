@@ -8,7 +8,8 @@
     RUN/eval-*.json      results of ``pyro-vae evaluate``
 
 Checkpoints are written atomically (temporary file, then rename) and read with
-``torch.load(weights_only=True)``, so no code runs from a crafted file.
+``torch.load(weights_only=True)``, so no code runs from a crafted file. A config.json of an
+earlier layout is read through ``upgrade_config``, the one place that knows those layouts.
 """
 
 from __future__ import annotations

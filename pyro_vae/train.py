@@ -1,8 +1,10 @@
 """The training loop: SVI over a named ELBO flavour, with checkpoints, metrics and figures.
 
-``fit`` is the one place where training happens; the CLI is a thin layer over it. The loss
-is Pyro's ``differentiable_loss`` and the step a plain torch optimizer step, so learning
-rate schedules and gradient clipping are the torch ones.
+``resolve`` turns what a user asks for into a checked ``RunConfig``, ``start`` trains one
+into a new run directory, ``resume`` continues one, and ``fit`` is the first two (or the
+third) in one call; the CLI is a thin layer over them. The loss is Pyro's
+``differentiable_loss`` and the step a plain torch optimizer step, so learning rate
+schedules and gradient clipping are the torch ones.
 
 Under ``torchrun`` (``distributed.init``) every process runs this same loop on its share
 of each batch (``World.shard``: ``batch_size`` is the batch of a step, shared among the
@@ -44,8 +46,8 @@ from .runs import RunDir, check_writable, load_model_state
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
 ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
 LR_SCHEDULES = tuple(ADAM_EPS)
-#: curves.png is redrawn after an epoch at most this often (drawing it takes 0.3-0.5 s, a tenth
-#: of an MNIST epoch), and always after the last epoch and when training stops
+#: curves.png is redrawn after an epoch at most this often (drawing it is slow next to a short
+#: epoch), and always after the last epoch and when training stops
 CURVES_SECONDS = 30.0
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
 
@@ -146,8 +148,8 @@ class Run:
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The training loop's Adam. Fused: one kernel over all parameters instead of a Python
-    loop over them, which took 1.0 of a VAE step's ~6 ms on CPU (0.4 ms fused)."""
+    """The training loop's Adam, fused: one kernel over all parameters instead of a Python
+    loop over them, a visible share of a small model's step."""
     return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
 
 

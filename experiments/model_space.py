@@ -32,7 +32,7 @@ import click
 import numpy as np
 
 from pyro_vae import TrainConfig, fit, load_run, resume
-from pyro_vae.evaluation import evaluate_run, split_data
+from pyro_vae.evaluation import evaluate_run, evaluation_path, split_data, write_evaluation
 
 
 def digits_files(folder: Path) -> tuple[Path, Path]:
@@ -106,13 +106,13 @@ def run_row(row: dict[str, Any], run_dir: Path, iw: int, limit: int | None, eval
     elif len(load_run(run_dir).history) < epochs:
         resume(run_dir, data_dir=data_dir, device=device, log=click.echo)
     run = load_run(run_dir, "last", device)
-    x, labels, _ = split_data(run, "test", limit, 0, data_dir)
-    path = run_dir / f"eval-test-iw{iw}-n{len(x)}.json"
+    x, labels, index = split_data(run, "test", limit, 0, data_dir)
+    path = evaluation_path(run, "test", iw, len(x))
     if path.is_file():
         summary = json.loads(path.read_text())
     else:
-        summary, _ = evaluate_run(run, x, labels, iw, seed=0)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        summary, est = evaluate_run(run, x, labels, iw, seed=0)  # draws keyed by 0..N-1, as recorded
+        write_evaluation(summary, est, path, "last", "test", index)
     steps = [h["steps_seconds"] / (h["step"] - (prev["step"] if prev else 0))
              for prev, h in zip([None, *run.history[:-1]], run.history)]
     return {**row, "run": str(run_dir), "images": len(x), "iw": iw,

@@ -20,13 +20,13 @@ from .models import (ADGM, GMVAE, IWAE, M1M2, MODELS, SSVAE, VAE, Family, GMVAEC
 from .nets import DECODERS, ENCODERS
 from .pair import own_parameters
 from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, make_objective
-from .train import Run, TrainConfig, fit, load_run, resume
+from .train import Run, RunConfig, TrainConfig, fit, load_run, resolve, resume
 
 __version__ = "0.1.0"
 __all__ = [
     "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "CompiledLoss", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
     "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "M1M2", "M1M2Config", "load_run", "log_weights",
     "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec", "own_parameters",
-    "PyroVAEError", "RenyiObjective", "resume", "Run", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
+    "PyroVAEError", "RenyiObjective", "resolve", "resume", "Run", "RunConfig", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
     "VAEConfig",
 ]

@@ -12,6 +12,7 @@ import dataclasses
 import signal
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,14 @@ import torch
 from click.core import ParameterSource
 
 from . import distributed, plots
-from .evaluation import evaluate_run, nonempty_split, split_data
+from .evaluation import evaluate_run, evaluation_path, format_summary, nonempty_split, split_data, write_evaluation
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import check_writable, write_json, write_npy, write_npz
 from .models import MODELS
 from .metrics import cluster_accuracy
-from .train import TrainConfig, fit as fit_model, load_run, resume as resume_run
+from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
 
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend")
 
@@ -116,6 +117,45 @@ def _values_from_options(cls: type, opts: dict[str, Any], prefix: str = "") -> d
     return values
 
 
+#: options that several commands share, declared once here: (declarations, click settings)
+SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "run_dir": (("run_dir",), dict(type=click.Path(file_okay=False))),  # the argument RUN_DIR
+    "split": (("--split",), dict(default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))),
+    "limit": (("--limit",), dict(type=click.IntRange(min=1))),
+    "checkpoint": (("--checkpoint",), dict(default="last", show_default=True, type=click.Choice(["last", "best"]))),
+    "seed": (("--seed",), dict(default=0, show_default=True, type=click.IntRange(0, MAX_SEED))),
+    "output": (("--output",), dict(type=click.Path(dir_okay=False))),
+    "data_dir": (("--data-dir",), dict(type=click.Path(file_okay=False),
+                                       help="dataset folder (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")),
+    "device": (("--device",), dict(default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")),
+    "download": (("--download/--no-download",), dict(default=True, show_default=True,
+                                                     help="download missing datasets")),
+    "backend": (("--backend",), dict(type=click.Choice(distributed.BACKENDS), default="auto", show_default=True,
+                                     help="under torchrun: how the processes talk (auto: nccl for CUDA devices, "
+                                          "gloo for CPUs)")),
+}
+#: what a command that reads a run's data needs
+RUNTIME = ("data_dir", "device", "download")
+
+
+def shared(*names: str, help: str | None = None) -> Callable[[Any], Any]:
+    """A decorator adding the shared options ``names`` to a command, in that order;
+    ``help`` (with one name) is that option's help in this command."""
+    def add(f: Any) -> Any:
+        for name in reversed(names):
+            decls, settings = SHARED[name]
+            if help is not None:
+                settings = {**settings, "help": help}
+            f = (click.argument if name == "run_dir" else click.option)(*decls, **settings)(f)
+        return f
+    return add
+
+
+def _shared_params(*names: str) -> list[click.Option]:
+    """The shared options ``names`` as click parameters, for a command built from a list."""
+    return [click.Option(list(SHARED[n][0]), **SHARED[n][1]) for n in names]
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="pyro_vae")
 def main() -> None:
@@ -155,7 +195,7 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         else:
             model_config = _values_from_options(cls.Config, opts)
             train = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
-            run = fit_model(name, model_config, train, opts["run_dir"], data_dir=opts["data_dir"],
+            run = start_run(resolve(name, model_config, train), opts["run_dir"], data_dir=opts["data_dir"],
                             device=opts["device"], download=opts["download"], log=log,
                             progress=not opts["quiet"] and sys.stderr.isatty(), overwrite=opts["overwrite"])
         final = run.history[-1]
@@ -171,27 +211,13 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         click.Option(["--overwrite"], is_flag=True,
                      help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint): "
                           "only a pyro_vae run holding nothing but its own files, and only those are removed"),
-        *_runtime_options(), _BACKEND,
+        *_shared_params(*RUNTIME, "backend"),
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
     doc = (cls.__doc__ or "").strip().splitlines()[0]
     return click.Command(name, callback=callback, params=params,
                          help=f"{doc} Trained by default with the {cls.default_objective} objective"
                               + (f" and {cls.default_particles} particles." if cls.default_particles > 1 else "."))
-
-
-_RUNTIME: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--data-dir",), dict(type=click.Path(file_okay=False),
-                           help="dataset folder (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")),
-    (("--device",), dict(default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")),
-    (("--download/--no-download",), dict(default=True, show_default=True,
-                                         help="download missing datasets")),
-]
-
-
-_BACKEND = click.Option(
-    ["--backend"], type=click.Choice(distributed.BACKENDS), default="auto", show_default=True,
-    help="under torchrun: how the processes talk (auto: nccl for CUDA devices, gloo for CPUs)")
 
 
 @contextlib.contextmanager
@@ -212,37 +238,25 @@ def _process_group(backend: str, device: str) -> Any:
         distributed.finish(together=done)
 
 
-def _runtime_options() -> list[click.Option]:
-    return [click.Option(list(decls), **kw) for decls, kw in _RUNTIME]
-
-
 for _name, _cls in MODELS.items():
     fit.add_command(_make_fit_command(_name, _cls))
 
 
-def _with_runtime(f: Any) -> Any:
-    """Add --data-dir, --device and --download to a command that reads a run's data."""
-    for decls, kw in reversed(_RUNTIME):
-        f = click.option(*decls, **kw)(f)
-    return f
-
-
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@shared("run_dir")
 @click.option("--iw", default=5000, show_default=True, type=click.IntRange(min=1),
               help="importance samples per image (K)")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
-@click.option("--limit", type=click.IntRange(min=1), help="score a random subset of this many images")
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
+@shared("split")
+@shared("limit", help="score a random subset of this many images")
+@shared("checkpoint")
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-rows", default=2_000, show_default=True, type=click.IntRange(min=1),
               help="(image, sample) pairs through the networks at once: bounds memory")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
+@shared("seed")
+@shared("output", help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="trace each chunk of the estimate once per shape and run the trace (the same numbers, faster)")
-@_with_runtime
-@click.option("--backend", type=_BACKEND.type, default=_BACKEND.default, show_default=True, help=_BACKEND.help)
+@shared(*RUNTIME, "backend")
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
              max_rows: int, seed: int, output: str | None, compile: bool, data_dir: str | None, device: str,
              download: bool, backend: str) -> None:
@@ -251,9 +265,7 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
     not depend on --batch-size, --max-rows, --limit or the number of processes."""
     with _process_group(backend, device) as world:
         run = load_run(run_dir, checkpoint, device)
-        # the best checkpoint's results have their own name, so that neither overwrites the other
-        name = f"eval-{split}-iw{iw}" + (f"-n{limit}" if limit else "") + ("-best" if checkpoint == "best" else "")
-        out = Path(output) if output else run.dir.path / f"{name}.json"
+        out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint)
         with world.together():
             if world.main:
                 check_writable(out)  # before minutes of work, not after
@@ -265,88 +277,20 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
                                         progress=bar.update if world.main else None, index=index, compile=compile,
                                         log=(lambda m: click.echo(m, err=True)) if world.main else None)
         if world.main:
-            _write_evaluation(summary, est, out, checkpoint, split, index)
-
-
-def _write_evaluation(summary: dict[str, Any], est: Any, out: Path, checkpoint: str, split: str,
-                      index: torch.Tensor) -> None:
-    """The summary as JSON (and the reliability diagram, for a classifier), the per-image
-    estimates as .npz, each written atomically, and the table on stdout."""
-    summary.update(checkpoint=checkpoint, split=split)
-    if "calibration" in summary:
-        plots.reliability_diagram(summary["calibration"], out.with_name(out.stem + "-reliability.png"),
-                                  title=f"{split}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}")
-    write_json(out, summary)
-    # per image; the Monte Carlo errors are NaN where they cannot be trusted (k_hat > 0.7)
-    trusted = lambda se: torch.where(est.unreliable, torch.nan, se).numpy()  # noqa: E731
-    write_npz(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
-                        log_px=est.log_px.numpy(), log_px_se=trusted(est.log_px_se),
-                        log_px_se_delta=est.log_px_se_delta.numpy(), k_hat=est.k_hat.numpy(),
-                        jackknife=est.jackknife.numpy(), jackknife_se=trusted(est.jackknife_se),
-                        reconstruction=est.log_lik.numpy())
-    click.echo(format_summary(summary))
-    click.echo(f"wrote {out} and per-image estimates in {out.with_suffix('.npz')}")
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The evaluation summary as a readable table (nats per image, higher is better): each
-    row says whether it is a bound on log p(x) or an estimate of it, and images whose
-    Pareto k-hat exceeds 0.7 are flagged, their Monte Carlo error withheld."""
-    def fmt(v: float | None, width: int = 10, digits: int = 3) -> str:
-        return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
-
-    K = s["num_particles"]
-    lines = [f"{s['run']} ({s['model']}, {s['checkpoint']} checkpoint): {s['split']} split, "
-             f"{s['num_images']} images, K={K}, {s['seconds']:.1f} s",
-             f"{'nats per image':<22}{'mean':>10}{'MC s.e.':>10}{'data s.e.':>10}  what"]
-    rows = [("ELBO", s["elbo"], "bound (in expectation)"), ("  reconstruction", s["reconstruction"], ""),
-            ("  KL", s["kl"], "")]
-    rows += [(f"IWAE-{k}", v, "bound (in expectation)") for k, v in s["iwae"].items()]
-    rows += [(f"log p(x), IWAE-{K}", s["log_px"], "bound (in expectation)")]
-    if "jackknife" in s:
-        rows += [("log p(x), jackknife", s["jackknife"], "estimate, bias-corrected; not a bound")]
-    withheld = False
-    for label, st, what in rows:
-        mark = ""
-        if st.get("mc_se_withheld"):
-            mark, withheld = " *", True
-        lines.append(f"{label:<22}{fmt(st['mean'], digits=2)}{fmt(st['mc_se'])}{fmt(st['data_se'])}"
-                     f"  {what}{mark}")
-    lines.append(f"{'NLL (= -IWAE-' + str(K) + ')':<22}{fmt(-s['log_px']['mean'], digits=2)}"
-                 + (f"  nats per image, {s['log_px']['bits_per_dim']:.4f} bits/dim"
-                    if "bits_per_dim" in s["log_px"] else ""))
-    pk = s.get("pareto_k")
-    if pk and pk.get("median") is not None:
-        lines.append(f"Pareto k-hat of the weights: median {pk['median']:.2f}, max {pk['max']:.2f}; "
-                     f"{100 * pk['share_above_0.5']:.0f}% of images above 0.5 (infinite variance), "
-                     f"{100 * pk['share_above_0.7']:.0f}% above 0.7")
-        if pk["images_above_0.7"]:
-            worst = ", ".join(f"{i} ({k:.2f})" for i, k in pk["worst"] if k is not None and k > 0.7)
-            lines.append(f"FLAGGED: {pk['images_above_0.7']} images with k-hat > 0.7, whose estimates are not "
-                         f"to be trusted at K={K}; worst (position in the .npz, k-hat): {worst}")
-    if withheld:
-        lo = s["log_px"]
-        alt = "" if lo.get("mc_se_trusted_images") is None else \
-            f"; over the other images it is {lo['mc_se_trusted_images']:.3f}"
-        lines.append(f"* MC s.e. withheld: {lo['mc_se_withheld']} images have no trustworthy error{alt}; "
-                     f"the delta method would say {fmt(lo.get('mc_se_delta'), 0)}, too small under heavy "
-                     f"tails. Repeat with other --seed values, or a larger K, for an honest spread.")
-    for key in ("accuracy", "error", "ece"):
-        if key in s:
-            lines.append(f"{'classifier ' + key:<22}{fmt(s[key], digits=4)}")
-    return "\n".join(lines)
+            write_evaluation(summary, est, out, checkpoint, split, index)
+            click.echo(format_summary(summary))
+            click.echo(f"wrote {out} and per-image estimates in {out.with_suffix('.npz')}")
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@shared("run_dir")
 @click.option("-n", "--num", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--draw", "--binary", "draw", is_flag=True,
               help="draw pixels from the likelihood (0/1 for a Bernoulli) instead of showing its mean")
 @click.option("--by-class", is_flag=True, help="models with a label: NUM samples of each class, rows = classes")
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/figures/samples.png)")
-@click.option("--device", default="auto", show_default=True)
+@shared("checkpoint", "seed")
+@shared("output", help="PNG (default: RUN_DIR/figures/samples.png)")
+@shared("device")
 def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, seed: int,
            output: str | None, device: str) -> None:
     """Draw images from a trained model: a PNG grid and the raw array (.npy)."""
@@ -372,13 +316,11 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@shared("run_dir")
 @click.option("-n", "--num", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@click.option("--output", type=click.Path(dir_okay=False), help="PNG (default: RUN_DIR/figures/reconstructions.png)")
-@_with_runtime
+@shared("split", "checkpoint", "seed")
+@shared("output", help="PNG (default: RUN_DIR/figures/reconstructions.png)")
+@shared(*RUNTIME)
 def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, output: str | None,
                 data_dir: str | None, device: str, download: bool) -> None:
     """Show random images of a split beside their reconstructions."""
@@ -395,10 +337,8 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@_with_runtime
+@shared("run_dir")
+@shared("checkpoint", "seed", *RUNTIME)
 def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device: str, download: bool) -> None:
     """Redraw a run's figures: bound curves and its family's own (latent manifold for a
     2-D latent space; samples per component and the latent space for the GMVAE)."""
@@ -418,13 +358,12 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
-@click.option("--limit", type=click.IntRange(min=1), help="encode a random subset of this many images")
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@click.option("--output", type=click.Path(dir_okay=False), help=".npz file (default: RUN_DIR/codes-SPLIT.npz)")
-@_with_runtime
+@shared("run_dir")
+@shared("split")
+@shared("limit", help="encode a random subset of this many images")
+@shared("checkpoint", "seed")
+@shared("output", help=".npz file (default: RUN_DIR/codes-SPLIT.npz)")
+@shared(*RUNTIME)
 def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: int, output: str | None,
            data_dir: str | None, device: str, download: bool) -> None:
     """Write the posterior means and scales of q(z | x) for a split to .npz: arrays
@@ -443,15 +382,14 @@ def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: i
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@shared("run_dir")
+@shared("split")
 @click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1),
               help="importance samples per image in the estimate of p(component | x)")
-@click.option("--limit", type=click.IntRange(min=1), help="assign a random subset of this many images")
-@click.option("--checkpoint", default="last", show_default=True, type=click.Choice(["last", "best"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
-@click.option("--output", type=click.Path(dir_okay=False), help="JSON file (default: RUN_DIR/clusters-SPLIT.json)")
-@_with_runtime
+@shared("limit", help="assign a random subset of this many images")
+@shared("checkpoint", "seed")
+@shared("output", help="JSON file (default: RUN_DIR/clusters-SPLIT.json)")
+@shared(*RUNTIME)
 def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoint: str, seed: int,
             output: str | None, data_dir: str | None, device: str, download: bool) -> None:
     """Assign images to mixture components by their posterior p(component | x); with
@@ -484,8 +422,7 @@ def cluster(run_dir: str, split: str, samples: int, limit: int | None, checkpoin
 @main.command(help="Fetch a dataset now, for use offline later.\n\n\b\n" + "\n".join(
     f"{name:16} {spec.description}" for name, spec in DATASETS.items()))
 @click.argument("dataset", type=click.Choice(list(DATASETS)))
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="where to put it (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")
+@shared("data_dir", help="where to put it (default: $PYRO_VAE_DATA or ~/.cache/pyro_vae)")
 def download(dataset: str, data_dir: str | None) -> None:
     """Fetch a dataset now, for use offline later (help lists the registry)."""
     root = Path(data_dir) if data_dir else default_data_dir()

@@ -73,7 +73,7 @@ T = TypeVar("T")
 
 
 def as_chw(shape: Sequence[int] | None) -> tuple[int, int, int] | None:
-    """An image shape as (C, H, W): old run directories stored grey images as [H, W]."""
+    """An image shape as (C, H, W); an (H, W) shape is a grey image."""
     if shape is None or len(shape) == 0:
         return None
     if len(shape) == 2:
@@ -557,8 +557,9 @@ def _idx_source(
 ) -> Dataset:
     """An MNIST-style source (idx files read by torchvision class ``cls``): the last sixth
     of the training file validates. ``transpose`` turns images stored transposed upright;
-    labels are shifted so that the first class is 0. ``as_float`` keeps the float32 storage
-    of the original MNIST loader, whose training stream must stay bit-identical."""
+    labels are shifted so that the first class is 0. ``as_float`` stores the images as
+    float32, binarized as whole tensors (see above), so that MNIST's draws per epoch stay
+    the ones its runs were trained on."""
     import torchvision.datasets  # imported here: torchvision is slow to import
 
     make = functools.partial(getattr(torchvision.datasets, cls), str(root), download=download, **(options or {}))

@@ -1,5 +1,6 @@
-"""Scoring a trained run: the bounds on log p(x) of a data split, and the family's own
-metrics. Shared by ``pyro-vae evaluate``, ``pyro-vae cluster`` and the experiments."""
+"""Scoring a trained run: the bounds on log p(x) of a data split and the family's own
+metrics, the files that hold them and the table that shows them. Shared by ``pyro-vae
+evaluate``, ``pyro-vae cluster`` and the experiments, so that all write and read the same."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any
 
 import torch
 
+from . import plots
 from .bounds import BoundEstimates, estimate_bounds
 from .data import Dataset, random_rows
 from .errors import DataError
 from .distributed import current as current_world
+from .runs import write_json, write_npz
 from .train import Run
 
 
@@ -86,3 +89,84 @@ def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
     for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values(),
                   *([summary["jackknife"]] if "jackknife" in summary else [])]:
         entry["bits_per_dim"] = -entry["mean"] / (dims * math.log(2))
+
+
+def evaluation_path(run: Run, split: str, num_particles: int, limit: int | None = None,
+                    checkpoint: str = "last") -> Path:
+    """Where ``pyro-vae evaluate`` writes its summary by default: RUN/eval-SPLIT-iwK[-nN][-best].json
+    (the best checkpoint's results have their own name, so that neither overwrites the other)."""
+    name = (f"eval-{split}-iw{num_particles}" + (f"-n{limit}" if limit else "")
+            + ("-best" if checkpoint == "best" else ""))
+    return run.dir.path / f"{name}.json"
+
+
+def write_evaluation(summary: dict[str, Any], est: BoundEstimates, out: Path, checkpoint: str, split: str,
+                     index: torch.Tensor) -> list[Path]:
+    """Write the results of ``evaluate_run``: the summary (with the checkpoint and split it
+    scored) as JSON at ``out``, the per-image estimates beside it as .npz and, for a
+    classifier, its reliability diagram as PNG, each atomically. Returns the files written."""
+    summary.update(checkpoint=checkpoint, split=split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "calibration" in summary:
+        written.append(plots.reliability_diagram(
+            summary["calibration"], out.with_name(out.stem + "-reliability.png"),
+            title=f"{split}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}"))
+    write_json(out, summary)
+    # per image; the Monte Carlo errors are NaN where they cannot be trusted (k_hat > 0.7)
+    trusted = lambda se: torch.where(est.unreliable, torch.nan, se).numpy()  # noqa: E731
+    write_npz(out.with_suffix(".npz"), index=index.numpy(), elbo=est.elbo.numpy(),
+              log_px=est.log_px.numpy(), log_px_se=trusted(est.log_px_se),
+              log_px_se_delta=est.log_px_se_delta.numpy(), k_hat=est.k_hat.numpy(),
+              jackknife=est.jackknife.numpy(), jackknife_se=trusted(est.jackknife_se),
+              reconstruction=est.log_lik.numpy())
+    return [out, out.with_suffix(".npz"), *written]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The evaluation summary as a readable table (nats per image, higher is better): each
+    row says whether it is a bound on log p(x) or an estimate of it, and images whose
+    Pareto k-hat exceeds 0.7 are flagged, their Monte Carlo error withheld."""
+    def fmt(v: float | None, width: int = 10, digits: int = 3) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+    K = s["num_particles"]
+    lines = [f"{s['run']} ({s['model']}, {s['checkpoint']} checkpoint): {s['split']} split, "
+             f"{s['num_images']} images, K={K}, {s['seconds']:.1f} s",
+             f"{'nats per image':<22}{'mean':>10}{'MC s.e.':>10}{'data s.e.':>10}  what"]
+    rows = [("ELBO", s["elbo"], "bound (in expectation)"), ("  reconstruction", s["reconstruction"], ""),
+            ("  KL", s["kl"], "")]
+    rows += [(f"IWAE-{k}", v, "bound (in expectation)") for k, v in s["iwae"].items()]
+    rows += [(f"log p(x), IWAE-{K}", s["log_px"], "bound (in expectation)")]
+    if "jackknife" in s:
+        rows += [("log p(x), jackknife", s["jackknife"], "estimate, bias-corrected; not a bound")]
+    withheld = False
+    for label, st, what in rows:
+        mark = ""
+        if st.get("mc_se_withheld"):
+            mark, withheld = " *", True
+        lines.append(f"{label:<22}{fmt(st['mean'], digits=2)}{fmt(st['mc_se'])}{fmt(st['data_se'])}"
+                     f"  {what}{mark}")
+    lines.append(f"{'NLL (= -IWAE-' + str(K) + ')':<22}{fmt(-s['log_px']['mean'], digits=2)}"
+                 + (f"  nats per image, {s['log_px']['bits_per_dim']:.4f} bits/dim"
+                    if "bits_per_dim" in s["log_px"] else ""))
+    pk = s.get("pareto_k")
+    if pk and pk.get("median") is not None:
+        lines.append(f"Pareto k-hat of the weights: median {pk['median']:.2f}, max {pk['max']:.2f}; "
+                     f"{100 * pk['share_above_0.5']:.0f}% of images above 0.5 (infinite variance), "
+                     f"{100 * pk['share_above_0.7']:.0f}% above 0.7")
+        if pk["images_above_0.7"]:
+            worst = ", ".join(f"{i} ({k:.2f})" for i, k in pk["worst"] if k is not None and k > 0.7)
+            lines.append(f"FLAGGED: {pk['images_above_0.7']} images with k-hat > 0.7, whose estimates are not "
+                         f"to be trusted at K={K}; worst (position in the .npz, k-hat): {worst}")
+    if withheld:
+        lo = s["log_px"]
+        alt = "" if lo.get("mc_se_trusted_images") is None else \
+            f"; over the other images it is {lo['mc_se_trusted_images']:.3f}"
+        lines.append(f"* MC s.e. withheld: {lo['mc_se_withheld']} images have no trustworthy error{alt}; "
+                     f"the delta method would say {fmt(lo.get('mc_se_delta'), 0)}, too small under heavy "
+                     f"tails. Repeat with other --seed values, or a larger K, for an honest spread.")
+    for key in ("accuracy", "error", "ece"):
+        if key in s:
+            lines.append(f"{'classifier ' + key:<22}{fmt(s[key], digits=4)}")
+    return "\n".join(lines)

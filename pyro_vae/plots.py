@@ -29,7 +29,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def mosaic(images: torch.Tensor | np.ndarray, image_shape: Sequence[int], ncol: int) -> np.ndarray:
     """Tile flat images (n, C*H*W), channel-first, into one array with 1-pixel light grey gaps:
     (rows, cols) for grey images (C = 1), (rows, cols, 3) RGB for colour ones (C = 3).
-    ``image_shape`` is (C, H, W), or (H, W) for grey images as old runs stored it."""
+    ``image_shape`` is (C, H, W), or (H, W) for grey images."""
     c, h, w = as_chw(image_shape)
     if c not in (1, 3):
         raise ValueError(f"cannot draw images with {c} channels; expected 1 (grey) or 3 (RGB)")

@@ -13,6 +13,8 @@ names and nothing else. Every output is written by ``atomic_write`` (a temporary
 the same folder, then one rename), so a full disk, a kill or an error leaves the old file
 or the new one, never a truncated one. Checkpoints are read with
 ``torch.load(weights_only=True)``, so no code runs from a crafted file.
+A config.json of an earlier layout is read through ``upgrade_config``, the one place that
+knows those layouts.
 """
 
 from __future__ import annotations
@@ -309,7 +311,7 @@ class RunDir:
         if bad:
             raise RunError(f"{path} is damaged: {', '.join(bad)} missing or of the wrong type; restore it "
                            "from a copy, or retrain")
-        return config
+        return upgrade_config(config)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return write_json(self.path / name, obj)
@@ -368,6 +370,21 @@ class RunDir:
                    if name == "checkpoint.pt" else "")
                 + "restore the file, or retrain")
         return state
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json of any earlier layout in today's. The one place that knows them:
+
+    - ``data.image_shape`` of grey images as [H, W] (before colour images): now [1, H, W];
+    - options missing from ``model_config`` or ``train`` (the network and likelihood
+      options, ``layout``, ...: added after the run was trained) are left out here and take
+      their defaults when the configs are built (``config_from_dict``); those defaults are
+      what such runs did.
+    """
+    shape = config["data"].get("image_shape")
+    if shape is not None and len(shape) == 2:
+        config["data"]["image_shape"] = [1, *shape]
+    return config
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:

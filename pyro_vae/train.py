@@ -1,8 +1,10 @@
 """The training loop: SVI over a named ELBO flavour, with checkpoints, metrics and figures.
 
-``fit`` is the one place where training happens; the CLI is a thin layer over it. The loss
-is Pyro's ``differentiable_loss`` and the step a plain torch optimizer step, so learning
-rate schedules and gradient clipping are the torch ones.
+``resolve`` turns what a user asks for into a checked ``RunConfig``, ``start`` trains one
+into a new run directory, ``resume`` continues one, and ``fit`` is the first two (or the
+third) in one call; the CLI is a thin layer over them. The loss is Pyro's
+``differentiable_loss`` and the step a plain torch optimizer step, so learning rate
+schedules and gradient clipping are the torch ones.
 
 Under ``torchrun`` (``distributed.init``) every process runs this same loop on its share
 of each batch (``World.shard``: ``batch_size`` is the batch of a step, shared among the
@@ -33,9 +35,9 @@ from . import plots
 from .distributed import PeerLost, World, current as current_world
 from .keyed import fold
 from .config import MAX_SEED, check_fields, config_from_dict, option
-from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, as_chw, load_dataset, random_rows
+from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, load_dataset, random_rows
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
-from .models import Family, build_model, model_class
+from .models import Family, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .bounds import estimate_bounds
 from .compiled import CompiledLoss, rng_state, set_rng_state
@@ -46,8 +48,8 @@ from .stacking import stacking
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
 ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
 LR_SCHEDULES = tuple(ADAM_EPS)
-#: curves.png is redrawn after an epoch at most this often (drawing it takes 0.3-0.5 s, a tenth
-#: of an MNIST epoch), and always after the last epoch and when training stops
+#: curves.png is redrawn after an epoch at most this often (drawing it is slow next to a short
+#: epoch), and always after the last epoch and when training stops
 CURVES_SECONDS = 30.0
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
 
@@ -109,11 +111,22 @@ class Run:
     """A trained (or training) model with its run directory and history."""
 
     dir: RunDir
-    model_name: str
+    config: RunConfig
     model: Any
-    train: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
-    data_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """The data record of config.json."""
+        return self.config.data.to_json()
 
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
         """The run's dataset, refused if it is no longer of the shape the model was built for
@@ -126,8 +139,8 @@ class Run:
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The training loop's Adam. Fused: one kernel over all parameters instead of a Python
-    loop over them, which took 1.0 of a VAE step's ~6 ms on CPU (0.4 ms fused)."""
+    """The training loop's Adam, fused: one kernel over all parameters instead of a Python
+    loop over them, a visible share of a small model's step."""
     return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
 
 
@@ -179,29 +192,100 @@ def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int
     return -total / x.shape[0]
 
 
-def _train_config(values: dict[str, Any], where: str = "") -> TrainConfig:
-    return config_from_dict(TrainConfig, values, where)
-
-
 #: what a checkpoint to resume from must hold, and of which kind
 FULL_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "epoch": int, "batch": int,
               "step": int, "loss_sum": (int, float), "history": list}
 
 
-def _read_config(run: RunDir) -> tuple[dict[str, Any], TrainConfig]:
-    """A run's config.json with its model and training configs checked, for a message that
-    names the file rather than a traceback later."""
-    config = run.config()
-    where = str(run.path / "config.json")
-    cls = model_class(config["model"])
-    config_from_dict(cls.Config, config["model_config"], where)
-    return config, _train_config(config["train"], where)
+@dataclass(frozen=True)
+class DataInfo:
+    """The data a run trains on, as config.json records them: the dataset's name, values
+    per item, binarization and image shape (C, H, W), None for vectors. The model is built
+    for this shape, and a dataset that no longer has it is refused."""
+
+    name: str
+    x_dim: int
+    binarize: str | None
+    image_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, data: Dataset) -> DataInfo:
+        return cls(data.name, data.x_dim, data.binarize, tuple(data.image_shape) if data.image_shape else None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the model is built for: (C, H, W) for images, else (D,)."""
+        return self.image_shape or (self.x_dim,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "x_dim": self.x_dim, "binarize": self.binarize,
+                "image_shape": list(self.image_shape) if self.image_shape else None}
 
 
-def data_shape(info: dict[str, Any]) -> tuple[int, ...]:
-    """The shape a model is built for, from a run's ``data`` record: (C, H, W) for images
-    (runs written before colour support stored (H, W)), else (D,)."""
-    return as_chw(info.get("image_shape")) or (int(info["x_dim"]),)
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is trained from: the family's name and config, the training config
+    and (once the data are loaded) the data record. ``resolve`` makes one from what a user
+    asks for; config.json holds ``to_json()``, and ``read`` gets it back."""
+
+    model: str
+    model_config: Any  # the family's config dataclass
+    train: TrainConfig
+    data: DataInfo | None = None
+
+    def build_model(self) -> Family:
+        """A new model of the family for the run's data (its own copy of the config)."""
+        return model_class(self.model)(self.data.shape, dataclasses.replace(self.model_config))
+
+    def to_json(self) -> dict[str, Any]:
+        """The config.json of the run."""
+        return {"model": self.model, "model_config": dataclasses.asdict(self.model_config),
+                "train": dataclasses.asdict(self.train), "data": self.data.to_json()}
+
+    @classmethod
+    def read(cls, run: RunDir) -> RunConfig:
+        """A run's config.json (``RunDir.config`` reads the older layouts) with its model
+        and training configs typed and checked for type, for a message that names the file
+        rather than a traceback later. The values are not checked again: a finished run
+        loads as it was trained."""
+        config = run.config()
+        where = str(run.path / "config.json")
+        family = config_from_dict(model_class(config["model"]).Config, config["model_config"], where)
+        data = config["data"]
+        info = DataInfo(data.get("name", ""), data["x_dim"], data.get("binarize"),
+                        tuple(data["image_shape"]) if data.get("image_shape") else None)
+        return cls(config["model"], family, config_from_dict(TrainConfig, config["train"], where), info)
+
+
+def resolve(name: str, model_config: Any = None, train: TrainConfig | None = None) -> RunConfig:
+    """The run config for training family ``name``: ``model_config`` is its config
+    dataclass or a dict of its fields (missing ones take their defaults), ``train`` a
+    ``TrainConfig``. Fills in what depends on the family (the objective: a flow guide
+    trains on trace where the family's default is meanfield; the particles; binarization
+    none for a grey-level likelihood, which scores the grey levels; a dataset file by its
+    absolute path) and checks everything once: both configs, and the objective against the
+    family and its guide. Touches no file; the data record is added once they are loaded."""
+    cls = model_class(name)
+    if dataclasses.is_dataclass(model_config):
+        model_config = dataclasses.asdict(model_config)
+    family = config_from_dict(cls.Config, model_config or {})
+    cls.check_config(family)
+    train = train or TrainConfig()
+    train = dataclasses.replace(
+        train,
+        objective=train.objective or objective_spec(cls.default_objective).for_guide(family.guide),
+        particles=cls.default_particles if train.particles is None else train.particles,
+        binarize="none" if train.binarize is None and family.likelihood != "bernoulli" else train.binarize,
+        dataset=str(Path(train.dataset).resolve()) if train.dataset.endswith((".npy", ".npz")) else train.dataset)
+    train.check()
+    if train.objective not in cls.objectives:
+        spec = objective_spec(train.objective)
+        why = (" (it needs a reparameterized guide without enumerated sites)"
+               if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
+        raise ConfigError(f"{name} cannot be trained with {{objective}}{why}; "
+                          f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
+    objective_spec(train.objective).check_guide(family.guide)
+    return RunConfig(name, family, train)
 
 
 def fit(
@@ -230,62 +314,48 @@ def fit(
     """
     if resume and run_dir is not None and RunDir(run_dir).has_checkpoint():
         return _continue(run_dir, epochs=train.epochs if train else None, model_name=model_name,
-                                   data_dir=data_dir, device=device, download=download, log=log,
-                                   progress=progress)
-    cls = model_class(model_name)
-    if dataclasses.is_dataclass(model_config):
-        model_config = dataclasses.asdict(model_config)
-    family_config = config_from_dict(cls.Config, model_config or {})
-    cls.check_config(family_config)
-    model_config = dataclasses.asdict(family_config)
-    train = train or TrainConfig()
-    if train.objective is None:  # a flow guide trains on trace where the family's default is meanfield
-        train = dataclasses.replace(train, objective=objective_spec(cls.default_objective).for_guide(
-            family_config.guide))
-    if train.particles is None:
-        train = dataclasses.replace(train, particles=cls.default_particles)
-    train.check()
-    if train.objective not in cls.objectives:
-        spec = objective_spec(train.objective)
-        why = (" (it needs a reparameterized guide without enumerated sites)"
-               if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
-        raise ConfigError(f"{model_name} cannot be trained with {{objective}}{why}; "
-                          f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
-    objective_spec(train.objective).check_guide(family_config.guide)
+                         data_dir=data_dir, device=device, download=download, log=log, progress=progress)
+    return start(resolve(model_name, model_config, train), run_dir, data_dir=data_dir, device=device,
+                 download=download, log=log, progress=progress, overwrite=overwrite or resume)
+
+
+def start(
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    download: bool = True,
+    log: Log | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Run:
+    """Train a new run of ``config`` (from ``resolve``) into ``run_dir`` (default:
+    runs/NAME-DATE-TIME); the other arguments are ``fit``'s."""
     world = current_world()
-    _check_shares(world, train.batch_size)
-    run_dir = Path(run_dir or Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_shares(world, config.train.batch_size)
+    run_dir = Path(run_dir or Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     with world.together():
         if world.main:
-            RunDir.check_free(run_dir, overwrite or resume)  # before the data loads: fail fast
+            RunDir.check_free(run_dir, overwrite)  # before the data load: fail fast
             check_writable(run_dir)
     dev = world.device(resolve_device(device))
-    if train.dataset.endswith((".npy", ".npz")):
-        train = dataclasses.replace(train, dataset=str(Path(train.dataset).resolve()))
-    stages = stacking(model_name)
-    family_config = stages.prepare(family_config, train, run_dir, fit, data_dir=data_dir, device=device,
-                                   download=download, log=log, progress=progress)
-    model_config = dataclasses.asdict(family_config)
-    if train.binarize is None and family_config.likelihood != "bernoulli":
-        train = dataclasses.replace(train, binarize="none")  # grey-level likelihoods score the grey levels
-    data = world.main_first(lambda: train.load_data(data_dir, download))
+    stages = stacking(config.model)
+    # M1+M2 trains or reads its M1 here, which can change the defaults that follow from its config
+    prepared = stages.prepare(config.model_config, config.train, run_dir, fit, data_dir=data_dir, device=device,
+                              download=download, log=log, progress=progress)
+    config = resolve(config.model, prepared, config.train)
+    data = world.main_first(lambda: config.train.load_data(data_dir, download))
     if data.note and log and world.main:
         log(data.note)
-    pyro.set_rng_seed(train.seed)  # before the weights are initialised
-    shape = as_chw(data.image_shape) or (data.x_dim,)
-    model = build_model(model_name, shape, model_config)
-    model.check_data(data, train.seed)
+    config = dataclasses.replace(config, data=DataInfo.of(data))
+    pyro.set_rng_seed(config.train.seed)  # before the weights are initialised
+    model = config.build_model()
+    model.check_data(data, config.train.seed)
     stages.check_data(model.config, data)
     stages.load(model)
-    config = {
-        "model": model_name,
-        "model_config": model_config,
-        "train": dataclasses.asdict(train),
-        "data": {"name": data.name, "x_dim": data.x_dim, "binarize": data.binarize,
-                 "image_shape": list(data.image_shape) if data.image_shape else None},
-    }
     with world.together():
-        run = RunDir.create(run_dir, config, overwrite or resume) if world.main else RunDir(run_dir)
+        run = RunDir.create(run_dir, config.to_json(), overwrite) if world.main else RunDir(run_dir)
     return _train(run, lambda: Session.start(run, config, model, data, dev, log, progress, world), None)
 
 
@@ -304,13 +374,14 @@ def resume(
     ``epochs`` may raise the number of epochs to train for, and ``model_name``, when
     given, must be the run's."""
     run = RunDir.open(run_dir)
-    config, train = _read_config(run)
-    if model_name is not None and config["model"] != model_name:
-        raise ConfigError(f"{run.path} is a {config['model']} run, not {model_name}")
+    config = RunConfig.read(run)
+    if model_name is not None and config.model != model_name:
+        raise ConfigError(f"{run.path} is a {config.model} run, not {model_name}")
     if epochs is not None:
-        train = dataclasses.replace(train, epochs=epochs)
+        train = dataclasses.replace(config.train, epochs=epochs)
         train.check()
-        config["train"]["epochs"] = epochs
+        config = dataclasses.replace(config, train=train)
+    train = config.train
     world = current_world()
     _check_shares(world, train.batch_size)
     dev = world.device(resolve_device(device))
@@ -323,19 +394,19 @@ def resume(
         if world.main:
             check_writable(run.path)
     data = world.main_first(lambda: train.load_data(data_dir, download))
-    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
+    model = config.build_model()
     model.check_data(data, train.seed)
-    stacking(config["model"]).check_data(model.config, data)
+    stacking(config.model).check_data(model.config, data)
     with world.together():
         if world.main:
             run.lock()
 
-    def start() -> Session:
+    def open_session() -> Session:
         if world.main:
-            run.write_json("config.json", config)
+            run.write_json("config.json", config.to_json())
         return Session.start(run, config, model, data, dev, log, progress, world)
 
-    return _train(run, start, checkpoint)
+    return _train(run, open_session, checkpoint)
 
 
 @dataclass
@@ -390,7 +461,7 @@ class Session:
     and optimizer, and the fixed images scored after every epoch."""
 
     run: RunDir
-    config: dict[str, Any]
+    config: RunConfig
     train: TrainConfig
     model: Family
     data: Dataset
@@ -411,9 +482,9 @@ class Session:
     curves_drawn: float = -math.inf  # time.monotonic() of the last curves.png
 
     @classmethod
-    def start(cls, run: RunDir, config: dict[str, Any], model: Family, data: Dataset, device: torch.device,
+    def start(cls, run: RunDir, config: RunConfig, model: Family, data: Dataset, device: torch.device,
               log: Log | None, progress: bool, world: World | None = None) -> Session:
-        train = _train_config(config["train"])
+        train = config.train
         world = world or World()
         model.to(device)
         optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule])
@@ -430,7 +501,7 @@ class Session:
             train_eval=data.eval_data("train")[rows["train"]].to(device),
             valid_eval=data.eval_data("valid")[rows["valid"]].to(device),
             valid_labels=data.labels["valid"][rows["valid"]].to(device) if "valid" in data.labels else None,
-            image_shape=as_chw(config["data"]["image_shape"]),
+            image_shape=config.data.image_shape,
             log=log, progress=progress and world.main,
             world=world, board=_tensorboard(run.path / "tensorboard") if world.main else None,
         )
@@ -457,65 +528,61 @@ def _fork_process_rng(s: Session, step: int) -> None:
             torch.cuda.manual_seed(fold(s.train.seed, step, s.world.rank))
 
 
-def _train(run: RunDir, start: Callable[[], Session], checkpoint: dict[str, Any] | None) -> Run:
+def _train(run: RunDir, open_session: Callable[[], Session], checkpoint: dict[str, Any] | None) -> Run:
     """Start the session and train from ``checkpoint`` (None: from the start) to the
     configured number of epochs, holding the run's lock throughout."""
-    session = None
+    s = None
     try:
-        session = start()
-        return _train_session(session, checkpoint)
+        s = open_session()
+        train = s.train
+        if checkpoint is None:
+            s.model.init_from_data(s.data, train.seed)
+            state = TrainState()
+            _sample_figure(s, 0)
+            _fork_process_rng(s, 0)
+        else:
+            state = TrainState.load(checkpoint, s)
+            s.log(f"resuming {s.run.path} at epoch {state.epoch + 1}"
+                  + (f", batch {state.batch + 1}" if state.batch else ""))
+        first_step = state.step
+        best = max((row["valid_bound"] for row in state.history), default=-math.inf)
+        stopped = False
+        with _deferred_interrupt() as interrupted:
+            while state.epoch < train.epochs and not stopped:
+                start_time = time.perf_counter()
+                s.model.train()
+                kl_weight, stopped = _epoch_steps(s, state, first_step, interrupted)
+                if stopped:
+                    break
+                row = s.world.broadcast(_score_epoch(s, state, kl_weight, start_time))
+                state.history.append(row)
+                state.epoch, state.batch, state.loss_sum = state.epoch + 1, 0, 0.0
+                state.save(s)
+                if s.world.main:
+                    s.run.write_metrics(state.history)
+                    if row["valid_bound"] > best:
+                        s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
+                    _report_epoch(s, state, row)
+                best = max(best, row["valid_bound"])
+        if stopped:
+            state.save(s)
+            if s.world.main and state.history:
+                _draw_curves(s, state)
+            name = signal.Signals(interrupted.signum).name
+            raise Interrupted(
+                f"stopped by {name} at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
+                f"continue with {{resume}}", interrupted.signum,
+                resume=Flag("resume", True, cli=f"pyro-vae fit {s.config.model} --run-dir {s.run.path} --resume"))
+        if s.world.main:
+            _final_figures(s)
+        return Run(s.run, s.config, s.model, state.history)
     except PeerLost as e:
         raise PeerLost(f"{e}; stopped, and the last checkpoint in {run.path} is as it was: continue with "
                        "{resume}", resume=Flag("resume", True, cli="--resume")) from None
     finally:
-        if session is not None and session.board is not None:
-            session.board.close()
+        if s is not None and s.board is not None:
+            s.board.close()
         run.unlock()
-
-
-def _train_session(session: Session, checkpoint: dict[str, Any] | None) -> Run:
-    s, train = session, session.train
-    if checkpoint is None:
-        s.model.init_from_data(s.data, train.seed)
-        state = TrainState()
-        _sample_figure(s, 0)
-        _fork_process_rng(s, 0)
-    else:
-        state = TrainState.load(checkpoint, s)
-        s.log(f"resuming {s.run.path} at epoch {state.epoch + 1}"
-              + (f", batch {state.batch + 1}" if state.batch else ""))
-    first_step = state.step
-    best = max((row["valid_bound"] for row in state.history), default=-math.inf)
-    stopped = False
-    with _deferred_interrupt() as interrupted:
-        while state.epoch < train.epochs and not stopped:
-            start_time = time.perf_counter()
-            s.model.train()
-            kl_weight, stopped = _epoch_steps(s, state, first_step, interrupted)
-            if stopped:
-                break
-            row = s.world.broadcast(_score_epoch(s, state, kl_weight, start_time))
-            state.history.append(row)
-            state.epoch, state.batch, state.loss_sum = state.epoch + 1, 0, 0.0
-            state.save(s)
-            if s.world.main:
-                s.run.write_metrics(state.history)
-                if row["valid_bound"] > best:
-                    s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
-                _report_epoch(s, state, row)
-            best = max(best, row["valid_bound"])
-    if stopped:
-        state.save(s)
-        if s.world.main and state.history:
-            _draw_curves(s, state)
-        name = signal.Signals(interrupted.signum).name
-        raise Interrupted(
-            f"stopped by {name} at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
-            f"continue with {{resume}}", interrupted.signum,
-            resume=Flag("resume", True, cli=f"pyro-vae fit {s.config['model']} --run-dir {s.run.path} --resume"))
-    if s.world.main:
-        _final_figures(s)
-    return Run(s.run, s.config["model"], s.model, train, state.history, s.config["data"])
 
 
 def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _Stop) -> tuple[float, bool]:
@@ -694,17 +761,17 @@ def load_run(path: str | Path, checkpoint: str = "last", device: str = "cpu") ->
     """Rebuild a trained model from its run directory: ``checkpoint`` is ``last`` (the
     latest saved state) or ``best`` (best validation bound)."""
     run = RunDir.open(path)
-    config, train = _read_config(run)
+    config = RunConfig.read(run)
     names = {"last": "checkpoint.pt", "best": "best.pt"}
     if checkpoint not in names:
         raise ConfigError(f"{{checkpoint}} must be last or best, got {checkpoint!r}", checkpoint=Flag("checkpoint"))
     dev = current_world().device(resolve_device(device))
     state = run.load_checkpoint(names[checkpoint], map_location=dev)
-    model = build_model(config["model"], data_shape(config["data"]), config["model_config"])
+    model = config.build_model()
     load_model_state(model, state["model"], run.path)
     model.to(dev).eval()
     try:
         history = run.metrics()
     except ValueError:
         raise RunError(f"{run.path / 'metrics.jsonl'} is damaged (a line is not JSON); restore it, or retrain") from None
-    return Run(run, config["model"], model, train, history, config["data"])
+    return Run(run, config, model, history)

@@ -293,3 +293,32 @@ def test_cli_refuses_a_decay_beside_the_burda_schedule(tiny_npy, tmp_path):
     assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", "--lr-schedule",
                               "burda", "--lr-decay", 0.9, *FAST), "--lr-decay must be 1 with --lr-schedule burda")
     assert not (tmp_path / "r").exists()
+
+
+def test_resolve_fills_the_family_defaults_and_touches_nothing(tmp_path, monkeypatch):
+    from pyro_vae import resolve
+
+    monkeypatch.chdir(tmp_path)
+    iwae = resolve("iwae", None, TrainConfig(dataset="tiny.npy"))
+    assert (iwae.train.objective, iwae.train.particles) == (MODELS["iwae"].default_objective, 5)
+    assert iwae.train.binarize is None and iwae.train.dataset == str(tmp_path / "tiny.npy")
+    assert resolve("vae", {"guide": "planar"}).train.objective == "trace"
+    grey = resolve("vae", VAEConfig(likelihood="gaussian"), TrainConfig(binarize=None))
+    assert grey.train.binarize == "none" and grey.model_config.likelihood == "gaussian" and grey.data is None
+    asked = TrainConfig(objective="trace", particles=3, binarize="threshold")
+    assert resolve("vae", {}, asked).train == asked  # what is asked for stays
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        resolve("vae", {}, TrainConfig(epochs=0))
+
+
+def test_config_json_is_the_run_config_and_reads_back(tiny_npy, tmp_path):
+    from pyro_vae import RunConfig
+    from pyro_vae.runs import RunDir
+
+    run = fit("gmvae", {"z_dim": 2, "hidden": (8,), "components": 3}, TrainConfig(dataset=str(tiny_npy), epochs=1,
+              eval_size=20), tmp_path / "run", device="cpu")
+    on_disk = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert on_disk == json.loads(json.dumps(run.config.to_json())) and set(on_disk) == {"model", "model_config", "train", "data"}
+    assert RunConfig.read(RunDir(tmp_path / "run")) == run.config == load_run(tmp_path / "run").config
+    assert run.data_info == {"name": run.config.data.name, "x_dim": 64, "binarize": "none", "image_shape": [1, 8, 8]}

@@ -126,8 +126,9 @@ def family_of(fn: Any) -> torch.nn.Module | None:
 
 
 def attach_pair(family: torch.nn.Module) -> None:
-    """Give ``family`` its ``model`` and ``guide`` as ``PairFunction``s. They live in the
-    instance's ``__dict__``, not among its submodules: a module that held itself would
+    """Give ``family`` its ``model`` and ``guide`` (and any other method its class lists in
+    ``pair_methods``, e.g. the GMVAE's ``marginal_model``) as ``PairFunction``s. They live in
+    the instance's ``__dict__``, not among its submodules: a module that held itself would
     recurse in ``state_dict``."""
-    for method in ("model", "guide"):
+    for method in type(family).pair_methods:
         object.__setattr__(family, method, PairFunction(family, method))

@@ -250,3 +250,28 @@ def test_images_off_the_likelihoods_support_are_refused_in_one_line_from_svi(nam
         svi.step(grey)
     assert "\n" not in str(error.value) and "not binary" in str(error.value)
     svi.step(torch.bernoulli(grey))  # binary images train
+
+
+def test_the_gmvaes_marginal_model_trains_with_svi_too():
+    from pyro_vae import GMVAE
+
+    pyro.clear_param_store()
+    model = GMVAE(16, GMVAE.Config(z_dim=2, hidden=(8,), components=3))
+    x = torch.bernoulli(torch.full((10, 16), 0.3))
+    before = copy.deepcopy(model.state_dict())
+    svi = SVI(model.marginal_model, model.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+    svi.step(x)
+    assert isinstance(model.marginal_model, PairFunction)
+    assert not torch.equal(before["decoder.net.0.weight"], model.state_dict()["decoder.net.0.weight"])
+
+
+def test_a_whole_model_pickles_and_its_copy_trains_on_its_own(tmp_path):
+    model = VAE(16, VAE.Config(z_dim=2, hidden=(8,)))
+    torch.save(model, tmp_path / "vae.pt")
+    copy_ = torch.load(tmp_path / "vae.pt", weights_only=False)
+    assert copy_._pyro_name != model._pyro_name and copy_.model.family is copy_
+    x = torch.bernoulli(torch.full((10, 16), 0.3))
+    before = copy.deepcopy(model.state_dict())
+    SVI(copy_.model, copy_.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO()).step(x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not all(torch.equal(v, copy_.state_dict()[k]) for k, v in before.items())

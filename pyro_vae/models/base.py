@@ -71,6 +71,7 @@ class Family(PyroModule):
     has_clusters: ClassVar[bool] = False  # assign(x): mixture components (pyro-vae cluster)
     has_classes: ClassVar[bool] = False  # a class label y: sample_by_class, classifier metrics
     enumerates_in_guide: ClassVar[bool] = False  # a discrete site summed out in the guide
+    pair_methods: ClassVar[tuple[str, ...]] = ("model", "guide")  # run as PairFunctions (pair.py)
 
     likelihood: Likelihood
     decoder: torch.nn.Module

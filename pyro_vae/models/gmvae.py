@@ -145,6 +145,7 @@ class GMVAE(VAE):
     default_objective = "enum"
     objectives = ("enum", "iwae", "renyi", "dreg")
     has_clusters = True
+    pair_methods = ("model", "guide", "marginal_model")
 
     def __init__(self, shape: Shape | int, config: GMVAEConfig | None = None):
         config = config or GMVAEConfig()

@@ -77,7 +77,7 @@ class PairFunction(torch.nn.Module):
         self.__name__ = f"{type(family).__name__}.{method}"
         self.__doc__ = getattr(type(family), method).__doc__
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # no module hooks: a step calls it twice
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # a plain call: no module hooks to run
         family = self.family
         method = getattr(type(family), self.method)
         if _OWN_LOOP.get():
@@ -88,7 +88,7 @@ class PairFunction(torch.nn.Module):
             context.__dict__.setdefault("param_state", {"params": {}, "constraints": {}})
         elif not context.active:
             check_parameter_store(family)
-        if self.method == "model" and not context.active and is_validation_enabled():
+        if self.method != "guide" and not context.active and is_validation_enabled():
             family.check_inputs(args, kwargs)
         with context, warnings.catch_warnings():
             # frozen weights (M1+M2's M1) stay out of the store, as they should: no warning per step

@@ -5,14 +5,18 @@ A family is a ``PyroModule`` built for data of a given shape ((C, H, W) images, 
 vectors) from its config dataclass. It declares:
 
 - the Pyro pair: ``model(x, ...)`` and ``guide(x, ...)``, every site inside one
-  ``pyro.plate("data")`` so that bounds are per datapoint;
+  ``pyro.plate("data")`` so that bounds are per datapoint. They are written as methods
+  and reach users as ``PairFunction`` modules (``pair.py``), so that Pyro's ``SVI``, its
+  ``ELBOModule`` and the library's loop all train them; ``pair_arguments(batch)`` says
+  what one training step passes them;
 - read-outs: ``posterior(x)`` (the guide's distribution over z), ``encode(x)`` (its
   location and scale), ``decode(z)`` (the likelihood p(x | z) as a distribution) and
   ``decode_mean(z)`` (its mean, for pictures), ``sample``, ``reconstruct``, ``device``;
 - capability flags (``has_clusters``, ``has_classes``) that the CLI reads instead of
   probing for methods;
 - hooks of the training loop with defaults for an unsupervised model trained on batches
-  of images (the SSVAE overrides the batches and the loss, the GMVAE the figures).
+  of images (the semi-supervised families override the batches and the pair's arguments,
+  the GMVAE the figures).
 
 The networks, the likelihood and the guide come from their registries (``nets.ENCODERS``,
 ``nets.DECODERS``, ``likelihoods.LIKELIHOODS``, ``guides.GUIDES``) by the names in

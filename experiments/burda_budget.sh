@@ -6,7 +6,11 @@
 # Each row takes hours on two cores. Stop it at any time (Ctrl-C, SIGTERM, or the machine
 # going away between epochs): run the same command again and it continues where the
 # checkpoint left off, with the same result as an uninterrupted run. Each piece's wall time
-# is appended to RUNS/burda-ROW.pieces.
+# is appended to RUNS/burda-ROW.pieces. To carry a row into the next session (a machine
+# that does not outlive this one): python experiments/carry.py stop RUNS/burda-ROW, then
+# python experiments/carry.py save RUNS/burda-ROW burda-ROW, and commit
+# experiments/results/burda-ROW/carry/; this script restores it when RUNS/burda-ROW has no
+# checkpoint, and removes it once the row is evaluated.
 # Usage: bash experiments/burda_budget.sh ROW...   (ROW: vae or iwae5)
 #   both at once on two cores, a thread each:
 #   OMP_NUM_THREADS=1 bash experiments/burda_budget.sh vae & OMP_NUM_THREADS=1 bash experiments/burda_budget.sh iwae5
@@ -15,7 +19,8 @@
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 vae|iwae5 ..." >&2; exit 2; }
 bin=$(dirname "$(command -v pyro-vae || echo .venv/bin/pyro-vae)")
-runs=${RUNS:-runs} results=${RESULTS:-experiments/results}
+runs=${RUNS:-runs} results=${RESULTS:-experiments/results} here=$(dirname "$0")
+python=${PYTHON:-$bin/python}; [ -x "$python" ] || python=python3
 timer=(); if [ -x /usr/bin/time ]; then timer=(/usr/bin/time -v); fi  # GNU time: wall and peak memory
 epochs_done() { if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
 for row in "$@"; do
@@ -25,6 +30,10 @@ for row in "$@"; do
         *) echo "unknown row $row: use vae or iwae5" >&2; exit 2 ;;
     esac
     run=$runs/burda-$row out=$results/burda-$row
+    if [ ! -f "$run/checkpoint.pt" ] && [ -f "$out/carry/MANIFEST.json" ]; then
+        # a piece run in an earlier session, carried in the repository (experiments/carry.py)
+        "$python" "$here/carry.py" --results "$results" restore "burda-$row" "$run"
+    fi
     if [ -f "$run/checkpoint.pt" ]; then
         args=(fit "${fit[0]}" --run-dir "$run" --resume)
     else
@@ -44,4 +53,5 @@ for row in "$@"; do
     mkdir -p "$out"
     cp "$run/config.json" "$run/metrics.jsonl" "$run/figures/curves.png" "$run"/eval-test-iw5000.json "$run.pieces" "$out/"
     cp "$run.eval.time" "$out/evaluate.time"
+    "$python" "$here/carry.py" --results "$results" drop "burda-$row"  # the finished run needs no carry
 done

@@ -4,8 +4,12 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -269,7 +273,7 @@ def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path
     fake.chmod(0o755)
     log, runs, results = tmp_path / "calls.log", tmp_path / "runs", tmp_path / "results"
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-           "RUNS": str(runs), "RESULTS": str(results)}
+           "RUNS": str(runs), "RESULTS": str(results), "PYTHON": sys.executable}
 
     def piece(until):
         return subprocess.run(["bash", str(REPO / "experiments" / "burda_budget.sh"), "iwae5"],
@@ -291,3 +295,74 @@ def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3280
     assert json.loads((out / "eval-test-iw5000.json").read_text()) == {"log_px": -1}
     assert (out / "evaluate.time").is_file() and (out / "curves.png").is_file()
+
+
+def test_burda_budget_restores_a_carried_row_on_a_fresh_machine_and_drops_the_carry_when_done(tmp_path):
+    """A piece stopped in one session is carried (carry.py save); on a machine without the
+    run directory the script restores it, continues with --resume, and once the row is
+    evaluated the carry folder is gone."""
+    fake = tmp_path / "bin" / "pyro-vae"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYRO_VAE)
+    fake.chmod(0o755)
+    log, runs, results = tmp_path / "calls.log", tmp_path / "runs", tmp_path / "results"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+           "RUNS": str(runs), "RESULTS": str(results), "PYTHON": sys.executable}
+    script = REPO / "experiments" / "burda_budget.sh"
+    first = subprocess.run(["bash", str(script), "iwae5"], env={**env, "FAKE_UNTIL": "1000"}, cwd=tmp_path)
+    assert first.returncode == 143
+    carry = load_script("carry")
+    carry.save(runs / "burda-iwae5", "burda-iwae5", results)
+    shutil.rmtree(runs)  # the next session's machine has no run directory
+    second = subprocess.run(["bash", str(script), "iwae5"], env={**env, "FAKE_UNTIL": "3280"}, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    calls = log.read_text().splitlines()
+    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume"
+    pieces = (results / "burda-iwae5" / "burda-iwae5.pieces").read_text().splitlines()
+    assert [p.split(" in ")[0] for p in pieces] == ["epochs 1-1000", "epochs 1001-3280"]
+    assert not (results / "burda-iwae5" / "carry").exists()
+
+
+def test_a_carried_run_resumes_to_what_one_uninterrupted_run_gives(tiny_npy, tmp_path):
+    from pyro_vae import TrainConfig, VAEConfig, fit
+
+    carry = load_script("carry")
+    config, quiet = VAEConfig(z_dim=2, hidden=(8,)), dict(log=None, progress=False)
+    train = lambda epochs: TrainConfig(dataset=str(tiny_npy), epochs=epochs, batch_size=20, eval_size=40)  # noqa: E731
+    whole = fit("vae", config, train(4), tmp_path / "whole", **quiet)
+    fit("vae", config, train(2), tmp_path / "piece", **quiet)
+    target = carry.save(tmp_path / "piece", "piece", tmp_path / "results")
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    assert manifest["epochs"] == 2 and {"config.json", "metrics.jsonl", "checkpoint.pt"} <= set(manifest["files"])
+    assert carry.restore("piece", tmp_path / "elsewhere", tmp_path / "results") == 2
+    resumed = fit("vae", config, train(4), tmp_path / "elsewhere", resume=True, **quiet)
+    timing = {"seconds", "steps_seconds"}
+    assert [{k: v for k, v in row.items() if k not in timing} for row in resumed.history] == \
+           [{k: v for k, v in row.items() if k not in timing} for row in whole.history]
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters()))
+    # a damaged carry is refused, and so is a run directory that went further
+    (target / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(click.ClickException, match="does not match its manifest"):
+        carry.restore("piece", tmp_path / "third", tmp_path / "results")
+    carry.save(tmp_path / "piece", "piece", tmp_path / "results")
+    with pytest.raises(click.ClickException, match="past the carried"):
+        carry.restore("piece", tmp_path / "whole", tmp_path / "results")
+
+
+def test_carry_stop_saves_a_running_fit_and_waits_for_it(tiny_npy, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    fit = subprocess.Popen([sys.executable, "-m", "pyro_vae", "fit", "vae", "--dataset", str(tiny_npy), "--z-dim", "2",
+                            "--hidden", "8", "--epochs", "100000", "--batch-size", "20", "--eval-size", "20",
+                            "--run-dir", str(run), "--device", "cpu", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    carry = load_script("carry")
+    with pytest.raises(click.ClickException, match="being trained"):
+        carry.save(run, "run", tmp_path / "results")
+    carry.stop(run, timeout=60)
+    assert fit.wait(timeout=30) == 143, fit.stderr.read()
+    carry.save(run, "run", tmp_path / "results")
+    assert (tmp_path / "results" / "run" / "carry" / "checkpoint.pt").is_file()

@@ -34,6 +34,8 @@ from typing import Any
 import pyro
 import torch
 from pyro.nn.module import _is_module_local_param_enabled
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import is_validation_enabled
 
 from .errors import PyroVAEError
@@ -65,6 +67,17 @@ class ParameterStoreClash(PyroVAEError):
     parameters: ``SVI`` would optimize those and leave the model as it is."""
 
 
+class ModuleLocalSVI(PyroVAEError):
+    """``SVI`` with a ``pyro.optim`` optimizer under module-local parameters: Pyro would
+    fail inside ``SVI.step`` for any ``PyroModule``."""
+
+
+def _collecting_params() -> bool:
+    """Whether a ``poutine.trace(param_only=True)`` is on Pyro's stack: how ``SVI.step``
+    collects the parameters it optimizes."""
+    return any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
+
+
 class PairFunction(torch.nn.Module):
     """A family's ``model`` or ``guide`` (the method ``method`` of its class) as a module
     whose parameters are the family's. Calling it calls the method; see the module
@@ -84,6 +97,13 @@ class PairFunction(torch.nn.Module):
             return method(family, *args, **kwargs)
         context = family._pyro_context
         if _is_module_local_param_enabled():
+            if not context.active and _collecting_params():
+                raise ModuleLocalSVI(
+                    "Pyro's SVI with a pyro.optim optimizer cannot train any PyroModule while "
+                    "pyro.settings.get('module_local_params') is True (its parameters are not in the store it "
+                    "optimizes): use the objective as a module with a torch optimizer, "
+                    "loss = TraceMeanField_ELBO()(model.model, model.guide) and torch.optim.Adam(loss.parameters()), "
+                    "or set module_local_params=False")
             # a family built before the user turned module-local parameters on has no local store yet
             context.__dict__.setdefault("param_state", {"params": {}, "constraints": {}})
         elif not context.active:

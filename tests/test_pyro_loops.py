@@ -275,3 +275,19 @@ def test_a_whole_model_pickles_and_its_copy_trains_on_its_own(tmp_path):
     SVI(copy_.model, copy_.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO()).step(x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not all(torch.equal(v, copy_.state_dict()[k]) for k, v in before.items())
+
+
+def test_svi_under_module_local_parameters_is_refused_in_one_line():
+    from pyro_vae.pair import ModuleLocalSVI
+
+    was = pyro.settings.get("module_local_params")
+    try:
+        pyro.settings.set(module_local_params=True)
+        model = VAE(16, VAE.Config(z_dim=2, hidden=(8,)))
+        x = torch.bernoulli(torch.full((10, 16), 0.3))
+        with pytest.raises(ModuleLocalSVI) as error:
+            SVI(model.model, model.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO()).step(x)
+        assert "\n" not in str(error.value) and "torch.optim.Adam(loss.parameters())" in str(error.value)
+        Predictive(model.model, guide=model.guide, num_samples=2)(x)  # what needs no optimizer still runs
+    finally:
+        pyro.settings.set(module_local_params=was)

@@ -172,7 +172,7 @@ class Family(PyroModule):
         Pyro's validation on, where Pyro would raise a traceback from inside the trace."""
         for value in (*args, *kwargs.values()):
             if torch.is_tensor(value) and value.is_floating_point() and value.shape[-1:] == (self.x_dim,):
-                self.likelihood.check_support(value, "the images given to the model")
+                self.likelihood.check_support(value, "the batch given to the model")
 
     def init_from_data(self, data: Dataset, seed: int) -> None:
         """Data-dependent initialisation before training: the decoder's output bias from

@@ -91,9 +91,12 @@ def test_benchmark_quick(tmp_path):
     for r in (e["fit"], e["resume"], *e["plain"]):
         assert r["steps"] > 0 and r["scoring"] > 0 and r["writing"] > 0 and r["wall_over_core"] >= 1
     for r in (e["fit"], e["resume"]):  # the parts add up to the wall time, the rest included
-        parts = ("data", "steps", "scoring", "writing", "figures", "other")
+        parts = ("data", "steps", "scoring", "writing", "figures", "report", "other")
         assert r["data"] > 0 and sum(r[k] for k in parts) == pytest.approx(r["wall"]) and r["other"] >= 0
     assert e["fit"]["figures"] > 0  # drawn at the end, by default
+    for r in (e["fit"], e["resume"]):  # one epoch each, its parts inside it
+        (epoch,) = r["epochs"]
+        assert 0 < epoch["core"] <= epoch["seconds"] <= r["wall"]
     assert "| resume, one more epoch |" in (tmp_path / "end-to-end.md").read_text()
 
 

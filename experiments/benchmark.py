@@ -1,7 +1,8 @@
 """The performance benchmark: our training steps and evaluator against hand-written plain
 PyTorch yardsticks and the machine's own matmul rate, measured side by side in one run.
 
-    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--steps-only] [--out DIR]
+    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--steps-only]
+                                    [--end-to-end] [--out DIR]
 
 1. step: one training step (loss, backward, the loop's fused Adam) of each model/objective
    pair, eager and compiled (``pyro_vae.compiled``: the trace that ``fit`` runs by
@@ -16,6 +17,11 @@ PyTorch yardsticks and the machine's own matmul rate, measured side by side in o
    K=5000 and K=50000 evaluations (compiled, as ``evaluate`` runs) in fresh processes.
 3. epoch: one epoch of ``fit`` on statically binarized MNIST, with the shares spent on
    the training steps, on producing the batches, and on the end-of-epoch monitoring.
+4. end to end: the wall time of ``fit --epochs 1`` and of one more epoch on resume, each
+   split into data, steps, scoring, writing (checkpoints, metrics, config), figures and
+   the rest, beside a plain PyTorch loop of the same VAE over the same in-memory data that
+   scores the same images and saves a checkpoint each epoch (``--end-to-end`` runs this
+   part alone).
 
 Writes benchmark.json and benchmark.md (the README's table) into --out. ``--quick`` uses
 random weights on toy data and few repeats: a smoke test, not a measurement.
@@ -23,6 +29,7 @@ random weights on toy data and few repeats: a smoke test, not a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -31,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,9 @@ from pyro.infer import SVI
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective
+from pyro_vae import TrainConfig, build_model, estimate_bounds, fit, load_dataset, make_objective, resume
+from pyro_vae import train as train_module
+from pyro_vae.runs import RunDir, write_json, write_text
 from pyro_vae.compiled import Compiled, CompiledLoss
 from pyro_vae.pair import own_parameters
 from pyro_vae.data import toy_binary_images
@@ -343,6 +352,165 @@ def bench_epoch(device: torch.device, dataset: str, data_dir: str | None, echo: 
     return result
 
 
+# --- end to end ---------------------------------------------------------------------------
+
+#: the parts of a ``fit`` call and the functions whose time makes each (none calls another)
+FIT_PARTS = {
+    "data": [(TrainConfig, "load_data")],
+    "steps": [(train_module, "_epoch_steps")],
+    "scoring": [(train_module, "_score_epoch")],
+    "writing": [(RunDir, "save_checkpoint"), (RunDir, "write_metrics"), (RunDir, "write_json")],
+    "figures": [(train_module, "_sample_figure"), (train_module, "_closing_figures")],
+    "report": [(train_module, "_report_epoch")],  # the log line, TensorBoard, samples taken
+}
+CORE = ("steps", "scoring", "writing")
+
+
+@contextlib.contextmanager
+def timed_parts(parts: dict[str, list[tuple[Any, str]]],
+                sync: Callable[[], None]) -> Iterator[tuple[dict[str, float], list[tuple[str, float, float]]]]:
+    """Seconds spent in each part's functions while the block runs (they are wrapped with a
+    clock, and put back after; a part called inside another counts as its own, not the
+    caller's), and each call as (part, start, end)."""
+    seconds = dict.fromkeys(parts, 0.0)
+    calls: list[tuple[str, float, float]] = []
+    inner = [0.0]  # time of the parts called inside the call under way
+    saved = []
+    for key, targets in parts.items():
+        for owner, name in targets:
+            original = getattr(owner, name)
+
+            def timed(*args: Any, _f: Callable = original, _key: str = key, **kwargs: Any) -> Any:
+                outer, inner[0] = inner[0], 0.0
+                start = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    sync()
+                    end = time.perf_counter()
+                    seconds[_key] += end - start - inner[0]
+                    inner[0] = outer + end - start
+                    calls.append((_key, start, end))
+
+            setattr(owner, name, timed)
+            saved.append((owner, name, original))
+    try:
+        yield seconds, calls
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def _split(wall: float, seconds: dict[str, float], calls: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """A call's wall time and its parts, the rest as "other", and the wall time over the
+    steps, scoring and writing; and each epoch in the loop (from its first step to the
+    end of its report) over the steps, scoring and writing inside it."""
+    epochs = []
+    for begin in (start for key, start, _ in calls if key == "steps"):
+        end = min(e for key, start, e in calls if key == "report" and start > begin)
+        core = sum(e - start for key, start, e in calls if key in CORE and begin <= start and e <= end)
+        epochs.append({"seconds": end - begin, "core": core, "over_core": (end - begin) / core})
+    return {"wall": wall, **seconds, "other": wall - sum(seconds.values()),
+            "wall_over_core": wall / sum(seconds[k] for k in CORE), "epochs": epochs}
+
+
+def plain_epoch(model: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, scored: list[torch.Tensor],
+                batch_size: int, epoch: int, path: Path, sync: Callable[[], None]) -> dict[str, float]:
+    """One epoch of a plain PyTorch loop of the VAE on in-memory binary images ``x``: the
+    shuffled batches, the steps (``plain_meanfield``, the loop's Adam), the ELBO on the
+    ``scored`` images, and ``torch.save`` of the model and optimizer; seconds of each."""
+    clock = {"start": time.perf_counter()}
+
+    def lap(key: str) -> None:
+        sync()
+        now = time.perf_counter()
+        clock[key], clock["start"] = now - clock["start"], now
+
+    batches = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))].split(batch_size)
+    lap("data")
+    for batch in batches:
+        loss = plain_meanfield(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    lap("steps")
+    with torch.no_grad():
+        [sum(-plain_meanfield(model, chunk).item() for chunk in images.split(1000)) / len(images) for images in scored]
+    lap("scoring")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}, path)
+    lap("writing")
+    del clock["start"]
+    wall = sum(clock.values())
+    return {"wall": wall, **clock, "wall_over_core": wall / (clock["steps"] + clock["scoring"] + clock["writing"])}
+
+
+def bench_end_to_end(device: torch.device, dataset: str, data_dir: str | None,
+                     echo: Callable[[str], None]) -> dict[str, Any]:
+    """``fit`` of the VAE for one epoch, then ``resume`` for a second, each split into its
+    parts; then two epochs of the plain loop on the same data, model shape and scored
+    images."""
+    sync = _sync_for(device)
+    train = TrainConfig(dataset=dataset, epochs=1)
+    result: dict[str, Any] = {"dataset": Path(dataset).name, "figures": train.figures}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        for name, call in (("fit", lambda: fit("vae", {}, train, run_dir, data_dir=data_dir, device=device.type,
+                                               download=False)),
+                           ("resume", lambda: resume(run_dir, epochs=2, data_dir=data_dir, device=device.type,
+                                                     download=False))):
+            with timed_parts(FIT_PARTS, sync) as (seconds, calls):
+                start = time.perf_counter()
+                run = call()
+                sync()
+                wall = time.perf_counter() - start
+            result[name] = _split(wall, seconds, calls)
+        steps = run.history[-1]["step"] - run.history[0]["step"]
+        data = train.load_data(data_dir, download=False)
+        x = data.train_batches(len(data.splits["train"]), 0, train.seed, device)
+        x = next(x)  # the binarized training images, in memory
+        rows = {s: torch.randperm(len(data.split(s)), generator=torch.Generator().manual_seed(train.seed))[
+            : train.eval_size] for s in ("train", "valid")}
+        scored = [data.eval_data(s)[rows[s]].to(device) for s in ("train", "valid")]
+        torch.manual_seed(train.seed)
+        model = build_model("vae", data.x_dim, {}).to(device)
+        optimizer = make_optimizer(model.parameters(), train.lr)
+        result["plain"] = [plain_epoch(model, optimizer, x, scored, train.batch_size, epoch, Path(tmp) / "plain.pt",
+                                       sync) for epoch in range(2)]
+    result["steps_per_epoch"] = steps
+    for name in ("fit", "resume"):
+        r = result[name]
+        echo(f"end to end, {name}: {r['wall']:.2f} s = data {r['data']:.2f} + steps {r['steps']:.2f} + scoring "
+             f"{r['scoring']:.2f} + writing {r['writing']:.2f} + figures {r['figures']:.2f} + report {r['report']:.2f} + other "
+             f"{r['other']:.2f} s; {r['wall_over_core']:.2f}x the steps, scoring and writing; the epoch in the "
+             f"loop {r['epochs'][-1]['seconds']:.2f} s, {r['epochs'][-1]['over_core']:.2f}x its steps, scoring "
+             "and writing")
+    for epoch, r in enumerate(result["plain"], 1):
+        echo(f"end to end, plain loop epoch {epoch}: {r['wall']:.2f} s = batches {r['data']:.3f} + steps "
+             f"{r['steps']:.2f} + scoring {r['scoring']:.2f} + checkpoint {r['writing']:.3f} s")
+    return result
+
+
+def end_to_end_table(e: dict[str, Any]) -> str:
+    """The end-to-end rows: ours (fit, then resume) and the plain loop's two epochs."""
+    cell = lambda r, key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
+    lines = [f"End to end on {e['dataset']} (VAE 784-200-200-50, {e['steps_per_epoch']} steps an epoch, "
+             f"--figures {e['figures']}), seconds:", "",
+             "| run | wall | data | steps | scoring | writing | figures | report | other | wall / (steps + scoring + writing) "
+             "| the epoch in the loop / its (steps + scoring + writing) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [("fit --epochs 1", e["fit"]), ("resume, one more epoch", e["resume"]),
+            *((f"plain PyTorch loop, epoch {i}", r) for i, r in enumerate(e["plain"], 1))]
+    for label, r in rows:
+        epoch = r["epochs"][-1] if "epochs" in r else {"seconds": r["wall"], "over_core": r["wall_over_core"]}
+        lines.append(f"| {label} | " + " | ".join(cell(r, k) for k in ("wall", "data", "steps", "scoring", "writing",
+                                                                    "figures", "report", "other"))
+                     + f" | {r['wall_over_core']:.2f}x | {epoch['seconds']:.2f} s, {epoch['over_core']:.2f}x |")
+    lines += ["", "The plain loop's data are in memory already; its epoch is all of its wall time. The first "
+              "fit pays the process's first-use imports (in other) and, on a first start, the parsing of the "
+              "data (in data); the figures are drawn when training ends (--figures end)."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The README's performance table. The epoch row gives the parts measured directly
     (batches alone, the scoring's own clock); the steps alone are timed separately and
@@ -399,10 +567,13 @@ def svi_table(results: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("experiments/results/benchmark"),
               show_default=True)
 @click.option("--steps-only", is_flag=True, help="only the step benchmark (no evaluation, no epoch)")
+@click.option("--end-to-end", "end_to_end_only", is_flag=True,
+              help="only the end-to-end epochs (fit, resume, the plain loop), into end-to-end.json and .md")
 @click.option("--memory-probe", type=int, default=None, hidden=True)
 @click.option("--probe-images", type=int, default=200, hidden=True)
 def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torch_compile: bool | None,
-         data_dir: str | None, out: Path, steps_only: bool, memory_probe: int | None, probe_images: int) -> None:
+         data_dir: str | None, out: Path, steps_only: bool, end_to_end_only: bool, memory_probe: int | None,
+         probe_images: int) -> None:
     dev = torch.device(device)
     if memory_probe is not None:
         _memory_probe(memory_probe, probe_images, dev)
@@ -411,6 +582,9 @@ def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torc
         raise click.UsageError("--device cuda: no CUDA device here")
     results: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "pyro": pyro.__version__,
                                "threads": torch.get_num_threads(), "quick": quick}
+    if end_to_end_only:
+        write_end_to_end(results, run_end_to_end(dev, quick, data_dir, click.echo), out)
+        return
     if quick:
         rounds, steps = 1, 2
     results["step"] = bench_steps(dev, rounds, steps, quick, click.echo,
@@ -432,6 +606,26 @@ def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torc
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "benchmark.md").write_text(markdown(results))
     click.echo(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+    if not steps_only:
+        write_end_to_end(results, run_end_to_end(dev, quick, data_dir, click.echo), out)
+
+
+def run_end_to_end(device: torch.device, quick: bool, data_dir: str | None, echo: Callable[[str], None]) -> dict:
+    """The end-to-end section on binarized MNIST (``quick``: 400 toy images)."""
+    if not quick:
+        return bench_end_to_end(device, "binarized-mnist", data_dir, echo)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "toy.npy"
+        np.save(path, toy_binary_images(400, 28, 1)[0])
+        return bench_end_to_end(device, str(path), data_dir, echo)
+
+
+def write_end_to_end(results: dict[str, Any], end_to_end: dict[str, Any], out: Path) -> None:
+    """end-to-end.json (the run's settings and the section) and end-to-end.md (its table)."""
+    write_json(out / "end-to-end.json", {**{k: v for k, v in results.items() if k not in ("step", "eval", "epoch")},
+                                         "end_to_end": end_to_end})
+    write_text(out / "end-to-end.md", end_to_end_table(end_to_end))
+    click.echo(f"wrote {out / 'end-to-end.json'} and {out / 'end-to-end.md'}")
 
 
 if __name__ == "__main__":

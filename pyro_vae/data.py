@@ -38,6 +38,11 @@ center-cropped to 148x148 and resized to 64x64 (PIL bilinear), the usual VAE/GAN
 the result is cached beside the images as .npy files, since decoding 202,599 JPEGs takes
 minutes.
 
+Text sources (binarized MNIST's ``.amat``) are parsed once: the values go into a binary
+copy (``parsed_copy``) beside the file, or in the cache folder (``default_cache_dir``) when
+the data folder is read-only, and later loads read that copy. It records the source's size
+and modification time; a copy that does not match them, or cannot be read, is made again.
+
 Or the path of a ``.npy``/``.npz`` array: (N, D) vectors, (N, H, W) grey images, or
 (N, H, W, C) / (N, C, H, W) images with C = 1 or 3, as uint8 (divided by 255), bool, or
 floats in [0, 1]. An ``.npz`` may hold splits ``train``/``valid``/``test`` and integer class
@@ -47,6 +52,7 @@ labels ``train_labels``... (``labels`` beside a single array).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import urllib.request
 import zipfile
@@ -255,6 +261,66 @@ def toy_binary_images(n: int, side: int = 8, seed: int = 0) -> tuple[np.ndarray,
     which = rng.integers(0, 4, n)
     flips = rng.random((n, side, side)) < 0.05
     return (protos[which] ^ flips).astype(np.float32), which
+
+
+def default_cache_dir() -> Path:
+    """``$PYRO_VAE_CACHE`` if set, else ``~/.cache/pyro_vae/parsed``: where the parsed
+    copies of sources in read-only data folders are kept."""
+    env = os.environ.get("PYRO_VAE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pyro_vae" / "parsed"
+
+
+PARSED_FORMAT = 1
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files may be added to ``folder``: it grants this process write access and
+    its mode has a write bit (a folder made read-only is left alone even by root, whom
+    the mode does not stop)."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _copy_paths(source: Path) -> list[Path]:
+    """Where the parsed copy of ``source`` may be: beside it, and in the cache folder under
+    a name made from its absolute path (two data folders never share a copy)."""
+    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    return [source.with_name(source.name + ".pyro_vae.npz"), default_cache_dir() / f"{key}-{source.name}.npz"]
+
+
+def parsed_copy(source: Path, parse: Callable[[], np.ndarray], fits: Callable[[np.ndarray], bool]) -> np.ndarray:
+    """``parse()`` of the file ``source``, through its binary copy: the copy is read when
+    it names the source's current size and modification time and holds an array that
+    ``fits``; otherwise ``source`` is parsed and the copy written (atomically) beside it, or
+    into the cache folder when its folder is read-only. A copy that cannot be written only
+    makes the next load slower."""
+    stat = source.stat()
+    stamp = np.array([PARSED_FORMAT, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    paths = _copy_paths(source)
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            copy = read_arrays(path)
+        except DataError:
+            continue  # damaged: made again below
+        if (isinstance(copy, dict) and set(copy) == {"stamp", "values"} and np.array_equal(copy["stamp"], stamp)
+                and fits(copy["values"])):
+            return copy["values"]
+    values = parse()
+    target = paths[0] if _writable(source.parent) else paths[1]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, stamp=stamp, values=values)
+
+    try:
+        atomic_write(target, write)
+    except OSError:
+        pass
+    return values
 
 
 def default_data_dir() -> Path:
@@ -579,6 +645,15 @@ def _idx_source(
 
 
 def _read_amat(path: Path, expected: int) -> np.ndarray:
+    """An .amat file of ``expected`` lines of 784 binary values, as float32, through its
+    parsed copy (the bits packed, eight to a byte)."""
+    packed = parsed_copy(path, lambda: np.packbits(_parse_amat(path, expected), axis=1),
+                         lambda v: v.dtype == np.uint8 and v.shape == (expected, 98))
+    return np.unpackbits(packed, axis=1, count=784).astype(np.float32)
+
+
+def _parse_amat(path: Path, expected: int) -> np.ndarray:
+    """The values of an .amat text file, (expected, 784) uint8 0/1."""
     raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     lines = int((raw == ord("\n")).sum())
     bits = raw[(raw == ord("0")) | (raw == ord("1"))] - ord("0")
@@ -587,7 +662,7 @@ def _read_amat(path: Path, expected: int) -> np.ndarray:
             f"{path} looks truncated or corrupt: {lines} lines and {bits.size} values, expected "
             f"{expected} lines of 784; delete it and download it again"
         )
-    return bits.reshape(expected, 784).astype(np.float32)
+    return bits.reshape(expected, 784)
 
 
 def _load_binarized_mnist(root: Path, download: bool) -> Dataset:

@@ -48,9 +48,11 @@ from .stacking import stacking
 #: each learning-rate schedule with the eps of its Adam (Burda et al. used 1e-4)
 ADAM_EPS = {"exponential": 1e-8, "burda": 1e-4}
 LR_SCHEDULES = tuple(ADAM_EPS)
-#: curves.png is redrawn after an epoch at most this often (drawing it is slow next to a short
-#: epoch), and always after the last epoch and when training stops
+#: with ``--figures every``, curves.png is redrawn after an epoch at most this often (drawing
+#: it is slow next to a short epoch), and always after the last epoch and when training stops
 CURVES_SECONDS = 30.0
+#: when the figures are drawn (``TrainConfig.figures``)
+FIGURE_TIMES = ("every", "end", "none")
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
 
 Log = Callable[[str], None]
@@ -84,6 +86,10 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
     seed: int = option(0, "seed of the weights, the batches and the binarization", at_least=0, at_most=MAX_SEED)
     eval_size: int = option(10_000, "train and validation images scored after each epoch", at_least=1)
+    figures: str = option("end", "when the figures are drawn. every: the curves after an epoch (at most every "
+                          f"{CURVES_SECONDS:.0f} s) and each grid of samples as its epoch ends; end: the same "
+                          "figures, drawn when training ends or is stopped (the samples are taken as their "
+                          "epoch ends), so the epochs spend no time on them; none: no figures", FIGURE_TIMES)
     compile: bool = option(True, "trace the Pyro objective once per batch shape and run the trace: the same "
                            "loss and gradients without Pyro's per-step Python (falls back to eager code, "
                            "saying why, where it cannot apply)")
@@ -480,6 +486,8 @@ class Session:
     world: World = field(default_factory=World)
     board: Any = None  # TensorBoard writer, when tensorboard is installed
     curves_drawn: float = -math.inf  # time.monotonic() of the last curves.png
+    #: figures taken but not drawn yet (``--figures end``), by file name
+    pending: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, run: RunDir, config: RunConfig, model: Family, data: Dataset, device: torch.device,
@@ -566,15 +574,15 @@ def _train(run: RunDir, open_session: Callable[[], Session], checkpoint: dict[st
                 best = max(best, row["valid_bound"])
         if stopped:
             state.save(s)
-            if s.world.main and state.history:
-                _draw_curves(s, state)
+            if s.world.main:
+                _closing_figures(s, state, finished=False)
             name = signal.Signals(interrupted.signum).name
             raise Interrupted(
                 f"stopped by {name} at epoch {state.epoch + 1}, after batch {state.batch}; the state is saved: "
                 f"continue with {{resume}}", interrupted.signum,
                 resume=Flag("resume", True, cli=f"pyro-vae fit {s.config.model} --run-dir {s.run.path} --resume"))
         if s.world.main:
-            _final_figures(s)
+            _closing_figures(s, state, finished=True)
         return Run(s.run, s.config, s.model, state.history)
     except PeerLost as e:
         raise PeerLost(f"{e}; stopped, and the last checkpoint in {run.path} is as it was: continue with "
@@ -685,7 +693,8 @@ def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
                      if k.startswith("valid_") and k != "valid_bound")
     s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
           f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
-    if time.monotonic() - s.curves_drawn >= CURVES_SECONDS or row["epoch"] == s.train.epochs:
+    if s.train.figures == "every" and (time.monotonic() - s.curves_drawn >= CURVES_SECONDS
+                                       or row["epoch"] == s.train.epochs):
         _draw_curves(s, state)
     if s.board is not None:
         for key, value in row.items():
@@ -699,6 +708,31 @@ def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
 def _draw_curves(s: Session, state: TrainState) -> None:
     plots.bound_curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
     s.curves_drawn = time.monotonic()
+
+
+def _figure(s: Session, name: str, draw: Callable[[], Any]) -> None:
+    """Draw a figure whose content is fixed already: now with ``--figures every``, else
+    when training ends or stops (``_closing_figures``)."""
+    if s.train.figures == "every":
+        draw()
+    else:
+        s.pending[name] = draw
+
+
+def _closing_figures(s: Session, state: TrainState, finished: bool) -> None:
+    """The figures drawn when training ends (``finished``) or stops: those kept for the
+    end, the curves of the whole history, and at the end the reconstructions and the
+    family's own figures. The same files whenever they are drawn."""
+    if s.train.figures == "none":
+        return
+    for draw in s.pending.values():
+        draw()
+    s.pending.clear()
+    # with --figures every the last epoch drew the curves already
+    if state.history and (s.train.figures == "end" or not finished):
+        _draw_curves(s, state)
+    if finished:
+        _final_figures(s)
 
 
 def _final_figures(s: Session) -> None:
@@ -744,14 +778,15 @@ def _deferred_interrupt() -> Iterator[_Stop]:
 
 def _sample_figure(s: Session, epoch: int) -> None:
     """Samples from the same prior draws at each point of training, so grids compare."""
-    if s.image_shape is None or not s.world.main:
+    if s.image_shape is None or not s.world.main or s.train.figures == "none":
         return
     s.model.eval()
     with fixed_rng(s.train.seed, s.device):
         images = s.model.sample(64)
     label = "before training" if epoch == 0 else f"after epoch {epoch}"
-    plots.image_grid(images, s.image_shape, s.run.figures / f"samples-epoch{epoch:04d}.png",
-                     title=f"samples {label}")
+    name = f"samples-epoch{epoch:04d}.png"
+    _figure(s, name, lambda: plots.image_grid(images, s.image_shape, s.run.figures / name,
+                                             title=f"samples {label}"))
 
 
 _continue = resume  # for fit, whose argument ``resume`` hides the function

@@ -18,6 +18,14 @@ def _validation_and_seed():
     pyro.enable_validation(False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _parsed_copies(tmp_path_factory):
+    """Parsed copies of sources in read-only data folders go to a folder of the test
+    session's, not the user's cache (CLI subprocesses inherit it)."""
+    os.environ.setdefault("PYRO_VAE_CACHE", str(tmp_path_factory.mktemp("parsed")))
+    yield
+
+
 @pytest.fixture
 def tiny_npy(tmp_path) -> Path:
     path = tmp_path / "tiny.npy"

@@ -1,6 +1,7 @@
 """Datasets: the MNIST copies, binarization, splits, the .amat reader's checks, every named
 source on tiny files fabricated in its own on-disk layout, and the user-array layouts."""
 
+import os
 import pickle
 import shutil
 import struct
@@ -54,6 +55,99 @@ def test_truncated_amat_is_reported(binarized_root, tmp_path):
     (folder / "binarized_mnist_valid.amat").write_bytes(text[: len(text) // 3])
     with pytest.raises(DataError, match="truncated"):
         load_dataset("binarized-mnist", tmp_path, download=False)
+
+
+def _small_amat(root, monkeypatch, seed=0):
+    """Binarized MNIST files of 5, 3 and 2 lines, and their values."""
+    from pyro_vae import data
+
+    sizes = {"train": 5, "valid": 3, "test": 2}
+    monkeypatch.setattr(data, "AMAT_SIZES", sizes)
+    folder = root / "binarized_mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {}
+    for split, n in sizes.items():
+        values[split] = np.random.default_rng([seed, n]).integers(0, 2, (n, 784)).astype(np.float32)
+        (folder / f"binarized_mnist_{split}.amat").write_text(
+            "".join(" ".join(str(int(v)) for v in row) + "\n" for row in values[split]))
+    return folder, values
+
+
+def _parses(monkeypatch):
+    """A list that records each .amat file parsed."""
+    from pyro_vae import data
+
+    parsed, parse = [], data._parse_amat
+    monkeypatch.setattr(data, "_parse_amat", lambda path, n: parsed.append(path.name) or parse(path, n))
+    return parsed
+
+
+def test_amat_is_parsed_once_and_a_stale_or_damaged_copy_is_made_again(tmp_path, monkeypatch):
+    folder, values = _small_amat(tmp_path, monkeypatch)
+    parsed = _parses(monkeypatch)
+    check = lambda ds: all(torch.equal(ds.splits[k], torch.from_numpy(v)) for k, v in values.items())  # noqa: E731
+    assert check(load_dataset("binarized-mnist", tmp_path, download=False)) and len(parsed) == 3
+    copies = sorted(p.name for p in folder.glob("*.pyro_vae.npz"))
+    assert copies == [f"binarized_mnist_{s}.amat.pyro_vae.npz" for s in ("test", "train", "valid")]
+    parsed.clear()
+    ds = load_dataset("binarized-mnist", tmp_path, download=False)
+    assert check(ds) and ds.splits["train"].dtype == torch.float32 and parsed == []  # read from the copies
+    copy = folder / "binarized_mnist_train.amat.pyro_vae.npz"
+    for damage in (lambda: copy.write_bytes(copy.read_bytes()[:200]),  # truncated
+                   lambda: copy.write_bytes(b"\x93NUMPY" + bytes(range(256)) * 4),  # garbage
+                   lambda: copy.write_bytes(b"")):
+        damage()
+        assert check(load_dataset("binarized-mnist", tmp_path, download=False))
+        assert parsed == ["binarized_mnist_train.amat"]
+        parsed.clear()
+    # the source changed (same size, a new time): its copy is stale
+    source = folder / "binarized_mnist_valid.amat"
+    new = 1 - values["valid"]
+    source.write_text("".join(" ".join(str(int(v)) for v in row) + "\n" for row in new))
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert torch.equal(load_dataset("binarized-mnist", tmp_path, download=False).splits["valid"], torch.from_numpy(new))
+    assert parsed == ["binarized_mnist_valid.amat"]
+    parsed.clear()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))  # touched only: parsed again
+    load_dataset("binarized-mnist", tmp_path, download=False)
+    assert parsed == ["binarized_mnist_valid.amat"]
+
+
+def test_amat_in_a_read_only_folder_is_copied_to_the_cache_folder(tmp_path, monkeypatch):
+    folder, values = _small_amat(tmp_path / "data", monkeypatch)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PYRO_VAE_CACHE", str(cache))
+    parsed = _parses(monkeypatch)
+    before = sorted(folder.iterdir())
+    for path in (folder, *before):
+        path.chmod(0o555 if path == folder else 0o444)
+    try:
+        for _ in range(2):
+            ds = load_dataset("binarized-mnist", tmp_path / "data", download=False)
+            assert all(torch.equal(ds.splits[k], torch.from_numpy(v)) for k, v in values.items())
+        assert sorted(folder.iterdir()) == before  # nothing written there
+        assert len(parsed) == 3 and len(list(cache.glob("*.npz"))) == 3
+        # another folder with files of the same names has copies of its own
+        other, other_values = _small_amat(tmp_path / "other", monkeypatch, seed=1)
+        ds = load_dataset("binarized-mnist", tmp_path / "other", download=False)
+        assert torch.equal(ds.splits["test"], torch.from_numpy(other_values["test"]))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_binarized_mnist_loads_from_its_copy_quickly(binarized_root, monkeypatch):
+    """The shared copy's folder is read-only: the second load reads the cache folder's copy
+    without parsing, in well under a second."""
+    import time
+
+    first = load_dataset("binarized-mnist", binarized_root, download=False)
+    parsed = _parses(monkeypatch)
+    start = time.perf_counter()
+    again = load_dataset("binarized-mnist", binarized_root, download=False)
+    seconds = time.perf_counter() - start
+    assert parsed == [] and all(torch.equal(first.splits[k], again.splits[k]) for k in first.splits)
+    assert seconds < 1.0, seconds  # about 0.05 s on a quiet machine; a loaded one is slower
 
 
 def test_array_splits_and_threshold(tmp_path):

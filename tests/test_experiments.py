@@ -90,6 +90,27 @@ def test_benchmark_quick(tmp_path):
     assert set(record["eval"]["peak_memory_mb"]) == {"0", "50", "500"}
     assert record["epoch"]["steps"] == 4 and record["epoch"]["steps_seconds"] > 0 and record["epoch"]["epoch_seconds"] > 0
     assert "| step: VAE meanfield" in (tmp_path / "benchmark.md").read_text()
+    e = json.loads((tmp_path / "end-to-end.json").read_text())["end_to_end"]
+    assert e["steps_per_epoch"] == 4 and len(e["plain"]) == 2
+    for r in (e["fit"], e["resume"], *e["plain"]):
+        assert r["steps"] > 0 and r["scoring"] > 0 and r["writing"] > 0 and r["wall_over_core"] >= 1
+    for r in (e["fit"], e["resume"]):  # the parts add up to the wall time, the rest included
+        parts = ("data", "steps", "scoring", "writing", "figures", "report", "other")
+        assert r["data"] > 0 and sum(r[k] for k in parts) == pytest.approx(r["wall"]) and r["other"] >= 0
+    assert e["fit"]["figures"] > 0  # drawn at the end, by default
+    for r in (e["fit"], e["resume"]):  # one epoch each, its parts inside it
+        (epoch,) = r["epochs"]
+        assert 0 < epoch["core"] <= epoch["seconds"] <= r["wall"]
+    assert "| resume, one more epoch |" in (tmp_path / "end-to-end.md").read_text()
+
+
+def test_benchmark_end_to_end_alone(tmp_path):
+    script = load_script("benchmark")
+    result = CliRunner().invoke(script.main, ["--quick", "--end-to-end", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["end-to-end.json", "end-to-end.md"]
+    assert "plain PyTorch loop, epoch 2" in (tmp_path / "end-to-end.md").read_text()
 
 
 def test_ssvae_draws_summarizes_evaluated_runs(tiny_labelled, tmp_path):

@@ -88,22 +88,78 @@ def test_curves_are_redrawn_at_most_every_so_often_and_at_the_end(tiny_npy, tmp_
     drawn = []
     monkeypatch.setattr(plots, "bound_curves", lambda history, path, title: drawn.append(len(history)))
     monkeypatch.setattr(train, "CURVES_SECONDS", 1e9)
-    fit("vae", SMALL, config(tiny_npy, epochs=4), tmp_path / "long", device="cpu")
+    fit("vae", SMALL, config(tiny_npy, epochs=4, figures="every"), tmp_path / "long", device="cpu")
     assert drawn == [1, 4]
     drawn.clear()
     resume(tmp_path / "long", epochs=6, device="cpu")  # a new session draws its first epoch too
     assert drawn == [5, 6]
     drawn.clear()
     monkeypatch.setattr(train, "CURVES_SECONDS", 0.0)
-    fit("vae", SMALL, config(tiny_npy, epochs=3), tmp_path / "every", device="cpu")
+    fit("vae", SMALL, config(tiny_npy, epochs=3, figures="every"), tmp_path / "every", device="cpu")
     assert drawn == [1, 2, 3]
 
     drawn.clear()
     monkeypatch.setattr(train, "CURVES_SECONDS", 1e9)
     signal_during_batch(monkeypatch, 21, signal.SIGINT)  # during epoch 3 (9 batches an epoch)
     with pytest.raises(Interrupted):
-        fit("vae", SMALL, config(tiny_npy, epochs=5), tmp_path / "cut", device="cpu")
+        fit("vae", SMALL, config(tiny_npy, epochs=5, figures="every"), tmp_path / "cut", device="cpu")
     assert drawn == [1, 2]  # after epoch 1, and at the stop with the two finished epochs
+
+
+def _figure_files(run):
+    return {p.name: p.read_bytes() for p in (run / "figures").iterdir()} if (run / "figures").is_dir() else {}
+
+
+def test_figures_at_the_end_are_the_ones_drawn_along_the_way(tiny_npy, tmp_path, monkeypatch):
+    """--figures end draws nothing while the epochs run, and leaves the same files, byte for
+    byte, as --figures every; --figures none draws nothing and trains the same weights."""
+    from pyro_vae import plots
+
+    events = []
+    for name in ("bound_curves", "image_grid", "reconstructions"):
+        def spy(*args, _name=name, _draw=getattr(plots, name), **kwargs):
+            events.append(_name)
+            return _draw(*args, **kwargs)
+        monkeypatch.setattr(plots, name, spy)
+    runs = {}
+    for when in ("every", "end", "none"):
+        events.append(when)
+        # the same folder name in each: it is the curves' title
+        runs[when] = fit("vae", SMALL, config(tiny_npy, epochs=4, figures=when), tmp_path / when / "run", device="cpu",
+                         log=lambda line: events.append("epoch") if line.startswith("epoch ") else None)
+    every, end, none = (events[events.index(w) + 1 : events.index(n) if n else None]
+                        for w, n in (("every", "end"), ("end", "none"), ("none", None)))
+    assert every[0] == "image_grid" and every.count("epoch") == 4 and every[-1] != "epoch"
+    assert "bound_curves" in every[: every.index("epoch", 2)]  # drawn during the run, after epoch 1
+    assert end[:4] == ["epoch"] * 4 and set(end[4:]) == {"image_grid", "bound_curves", "reconstructions"}
+    assert none == ["epoch"] * 4
+    assert end.count("image_grid") == every.count("image_grid") >= 3
+    assert _figure_files(tmp_path / "end" / "run") == _figure_files(tmp_path / "every" / "run")
+    assert {"curves.png", "samples-epoch0000.png", "samples-epoch0002.png", "samples-epoch0004.png",
+            "reconstructions.png", "manifold.png"} <= set(_figure_files(tmp_path / "end" / "run"))
+    assert _figure_files(tmp_path / "none" / "run") == {}
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
+    assert strip(runs["none"].history) == strip(runs["every"].history) == strip(runs["end"].history)
+    for a, b in zip(runs["none"].model.state_dict().values(), runs["every"].model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_figures_kept_for_the_end_are_drawn_at_a_stop(tiny_npy, tmp_path, monkeypatch):
+    """A run stopped with --figures end still leaves its samples before training and the
+    curves of its finished epochs; the resumed run, the rest. A config.json written before
+    the option existed resumes with the default."""
+    signal_during_batch(monkeypatch, 12, signal.SIGINT)  # during epoch 2 (9 batches an epoch)
+    with pytest.raises(Interrupted):
+        fit("vae", SMALL, config(tiny_npy, epochs=4, figures="end"), tmp_path / "cut", device="cpu")
+    assert set(_figure_files(tmp_path / "cut")) == {"samples-epoch0000.png", "curves.png"}
+    written = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert written["train"]["figures"] == "end"
+    del written["train"]["figures"]
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(written))
+    monkeypatch.undo()
+    resumed = resume(tmp_path / "cut", device="cpu")
+    assert resumed.train.figures == TrainConfig().figures
+    assert {"samples-epoch0002.png", "samples-epoch0004.png", "reconstructions.png"} <= set(_figure_files(tmp_path / "cut"))
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")

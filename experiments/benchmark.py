@@ -23,6 +23,13 @@ PyTorch yardsticks and the machine's own matmul rate, measured side by side in o
    scores the same images and saves a checkpoint each epoch (``--end-to-end`` runs this
    part alone).
 
+``--load N`` measures instead how the steps (compiled and plain) and the quickstart's
+epoch (``fit vae`` with its defaults) fare on a busy machine: each in a fresh process,
+with OpenMP's default wait policy (the old one) and with the command line's policy
+(``pyro_vae.threads``: the new one), first on the machine as it is, then beside N
+CPU-burning processes that the benchmark starts and stops itself. Writes load.json and
+load.md (quiet and loaded side by side, for either policy) into --out.
+
 Writes benchmark.json and benchmark.md (the README's table) into --out. ``--quick`` uses
 random weights on toy data and few repeats: a smoke test, not a measurement.
 """
@@ -33,6 +40,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +64,7 @@ from pyro_vae.runs import RunDir, write_json, write_text
 from pyro_vae.compiled import Compiled, CompiledLoss
 from pyro_vae.pair import own_parameters
 from pyro_vae.data import toy_binary_images
+from pyro_vae.threads import apply_cli_policy
 from pyro_vae.train import make_optimizer
 
 VAE_NETS = {"784-200-200-50 tanh": {}, "784-400-20 tanh": {"hidden": (400,), "z_dim": 20}}
@@ -555,6 +564,101 @@ def svi_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- a busy machine -------------------------------------------------------------------------
+
+#: a CPU burner: spins until its deadline or until the process that started it is gone
+BURNER = """import os, sys, time
+parent, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while os.getppid() == parent and time.monotonic() < deadline:
+    for _ in range(100_000):
+        pass
+"""
+#: the variables that set OpenMP's waiting and thread count: the old policy runs without them
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def burners(n: int, seconds: float) -> Iterator[list[subprocess.Popen]]:
+    """``n`` processes that keep a core busy each, stopped on leaving the block; each also
+    stops by itself after ``seconds`` or when this process dies, so none outlives the run."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", BURNER, str(os.getpid()), str(seconds)]))
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def policy_environments() -> dict[str, dict[str, str]]:
+    """The environment of the measured processes: ``old``, this one without the OpenMP
+    variables (torch's and OpenMP's defaults); ``new``, that one with the command line's
+    policy applied, as ``pyro-vae`` applies it."""
+    old = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
+    new = dict(old)
+    apply_cli_policy(new)
+    return {"old": old, "new": new}
+
+
+def _probe(env: dict[str, str], args: list[str], timeout: float) -> dict[str, Any]:
+    """Steps and epoch measured in a fresh process with environment ``env``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.json"
+        subprocess.run([sys.executable, __file__, "--policy-probe", str(path), *args], env=env, check=True,
+                       timeout=timeout)
+        return json.loads(path.read_text())
+
+
+def bench_load(load: int, args: list[str], seconds: float, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The probe (steps and epoch) for the old and the new policy, quiet and beside
+    ``load`` burners, in that order of conditions; policies alternate within each."""
+    envs = policy_environments()
+    result: dict[str, Any] = {"load": load, "cores": len(os.sched_getaffinity(0)),
+                              "policies": {name: {k: env.get(k) for k in OPENMP_VARIABLES} for name, env in envs.items()},
+                              "runs": {}}
+    for condition, n in (("quiet", 0), ("loaded", load)):
+        with burners(n, seconds):
+            for name in ("old", "new") if condition == "quiet" else ("new", "old"):
+                probe = _probe(envs[name], args, seconds)
+                result["runs"][f"{name}-{condition}"] = probe
+                echo(f"load  {name} policy, {condition} ({n} burners): epoch {probe['epoch']['epoch_seconds']:.2f} s; "
+                     + ", ".join(f"{s['name']} {s['compiled_ms'] or s['ours_ms']:.2f} ms" for s in probe["step"]))
+    return result
+
+
+def load_markdown(result: dict[str, Any]) -> str:
+    """The loaded mode's table: each measurement quiet and loaded, for either policy, and
+    the loaded / quiet ratios; the last column compares the policies on the quiet machine."""
+    runs = result["runs"]
+    lines = [f"| measurement | old policy: quiet | loaded ({result['load']} burners) | loaded / quiet | "
+             "new policy: quiet | loaded | loaded / quiet | new / old, quiet |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def row(label: str, get: Callable[[dict], float | None], unit: str) -> str:
+        v = {k: get(r) for k, r in runs.items()}
+        cells = []
+        for name in ("old", "new"):
+            q, l = v[f"{name}-quiet"], v[f"{name}-loaded"]
+            cells += [f"{q:.2f} {unit}" if q else "-", f"{l:.2f} {unit}" if l else "-",
+                      f"{l / q:.2f}x" if q and l else "-"]
+        q_old, q_new = v["old-quiet"], v["new-quiet"]
+        cells.append(f"{q_new / q_old:.2f}x" if q_old and q_new else "-")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines.append(row(f"epoch of {runs['old-quiet']['epoch']['dataset']}", lambda r: r["epoch"]["epoch_seconds"], "s"))
+    for i, step in enumerate(runs["old-quiet"]["step"]):
+        lines.append(row(f"step: {step['name']}, compiled", lambda r, i=i: r["step"][i]["compiled_ms"], "ms"))
+        lines.append(row(f"step: {step['name']}, plain", lambda r, i=i: r["step"][i]["plain_ms"], "ms"))
+    return "\n".join(lines) + "\n"
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="toy data, random weights, few repeats: a smoke test")
 @click.option("--device", default="cpu", show_default=True)
@@ -569,14 +673,42 @@ def svi_table(results: dict[str, Any]) -> str:
 @click.option("--steps-only", is_flag=True, help="only the step benchmark (no evaluation, no epoch)")
 @click.option("--end-to-end", "end_to_end_only", is_flag=True,
               help="only the end-to-end epochs (fit, resume, the plain loop), into end-to-end.json and .md")
+@click.option("--load", type=click.IntRange(min=1), default=None,
+              help="the steps and the epoch with the old and the new thread policy, quiet and beside this many "
+                   "CPU-burning processes (writes load.json, load.md)")
+@click.option("--load-seconds", default=3600.0, show_default=True,
+              help="time bound of each burner and each measured process of --load")
+@click.option("--policy-probe", type=click.Path(dir_okay=False), default=None, hidden=True)
 @click.option("--memory-probe", type=int, default=None, hidden=True)
 @click.option("--probe-images", type=int, default=200, hidden=True)
 def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torch_compile: bool | None,
-         data_dir: str | None, out: Path, steps_only: bool, end_to_end_only: bool, memory_probe: int | None,
-         probe_images: int) -> None:
+         data_dir: str | None, out: Path, steps_only: bool, end_to_end_only: bool, load: int | None,
+         load_seconds: float, policy_probe: str | None, memory_probe: int | None, probe_images: int) -> None:
     dev = torch.device(device)
     if memory_probe is not None:
         _memory_probe(memory_probe, probe_images, dev)
+        return
+    if load is not None:
+        args = ["--device", device, "--rounds", str(rounds), "--steps", str(steps)] + (["--quick"] if quick else []) \
+            + (["--data-dir", data_dir] if data_dir else [])
+        result = bench_load(load, args, load_seconds, click.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "load.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "load.md").write_text(load_markdown(result))
+        click.echo(f"wrote {out / 'load.json'} and {out / 'load.md'}")
+        return
+    if policy_probe is not None:  # one process of --load: steps (no torch.compile) and the quickstart's epoch
+        if quick:
+            rounds, steps = 1, 2
+        probe: dict[str, Any] = {"threads": torch.get_num_threads(),
+                                 "step": bench_steps(dev, rounds, steps, quick, click.echo, torch_compile=False)}
+        with tempfile.TemporaryDirectory() as tmp:
+            dataset = TrainConfig().dataset
+            if quick:
+                dataset = str(Path(tmp) / "toy.npy")
+                np.save(dataset, toy_binary_images(400, 28, 1)[0])
+            probe["epoch"] = bench_epoch(dev, dataset, data_dir, click.echo)
+        Path(policy_probe).write_text(json.dumps(probe))
         return
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device here")

@@ -1,3 +1,15 @@
-from .cli import main
+"""``python -m pyro_vae`` and the ``pyro-vae`` console script: the thread policy first
+(``threads``: before torch is imported), then the command line."""
 
-main(prog_name="pyro-vae")
+from .threads import apply_cli_policy
+
+
+def main() -> None:
+    apply_cli_policy()
+    from .cli import main as cli
+
+    cli(prog_name="pyro-vae")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ import torch
 from click.core import ParameterSource
 
 from . import distributed, plots
+from .threads import use_threads
 from .evaluation import evaluate_run, evaluation_path, format_summary, nonempty_split, split_data, write_evaluation
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED, is_nested
@@ -30,7 +31,7 @@ from .models import MODELS
 from .metrics import cluster_accuracy
 from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
 
-RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend")
+RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend", "threads")
 
 
 class Group(click.Group):
@@ -133,6 +134,9 @@ SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "backend": (("--backend",), dict(type=click.Choice(distributed.BACKENDS), default="auto", show_default=True,
                                      help="under torchrun: how the processes talk (auto: nccl for CUDA devices, "
                                           "gloo for CPUs)")),
+    "threads": (("--threads",), dict(type=click.IntRange(min=1), default=None,
+                                     help="torch threads for this command (default: OMP_NUM_THREADS, else the cores; "
+                                          "under torchrun the cores / processes on this machine)")),
 }
 #: what a command that reads a run's data needs
 RUNTIME = ("data_dir", "device", "download")
@@ -169,6 +173,7 @@ def fit() -> None:
 
 def _make_fit_command(name: str, cls: type) -> click.Command:
     def callback(**opts: Any) -> None:
+        use_threads(opts["threads"])
         with _process_group(opts["backend"], opts["device"]) as world:
             _fit(ctx=click.get_current_context(), world=world, **opts)
 
@@ -211,7 +216,7 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         click.Option(["--overwrite"], is_flag=True,
                      help="replace the run in --run-dir (e.g. one that stopped before its first checkpoint): "
                           "only a pyro_vae run holding nothing but its own files, and only those are removed"),
-        *_shared_params(*RUNTIME, "backend"),
+        *_shared_params(*RUNTIME, "backend", "threads"),
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
     doc = (cls.__doc__ or "").strip().splitlines()[0]
@@ -256,13 +261,14 @@ for _name, _cls in MODELS.items():
 @shared("output", help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="trace each chunk of the estimate once per shape and run the trace (the same numbers, faster)")
-@shared(*RUNTIME, "backend")
+@shared(*RUNTIME, "backend", "threads")
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
              max_rows: int, seed: int, output: str | None, compile: bool, data_dir: str | None, device: str,
-             download: bool, backend: str) -> None:
+             download: bool, backend: str, threads: int | None) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples.
     Each image's draws are keyed by the seed and its row in the split, so its estimates do
     not depend on --batch-size, --max-rows, --limit or the number of processes."""
+    use_threads(threads)
     with _process_group(backend, device) as world:
         run = load_run(run_dir, checkpoint, device)
         out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint)

@@ -47,13 +47,7 @@ _MODULES = {
 }
 
 __version__ = "0.1.0"
-__all__ = [
-    "ADGM", "ADGMConfig", "BoundEstimates", "build_model", "CompiledLoss", "Dataset", "DECODERS", "ENCODERS", "estimate_bounds", "Family", "fit",
-    "GMVAE", "GUIDES", "GMVAEConfig", "IWAE", "LIKELIHOODS", "load_dataset", "M1M2", "M1M2Config", "load_run", "log_weights",
-    "make_flow", "make_likelihood", "make_objective", "MODELS", "NetsConfig", "OBJECTIVES", "ObjectiveSpec", "own_parameters",
-    "PyroVAEError", "RenyiObjective", "resolve", "resume", "Run", "RunConfig", "SSVAE", "SSVAEConfig", "TrainConfig", "VAE",
-    "VAEConfig",
-]
+__all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str) -> Any:

@@ -58,14 +58,7 @@ class BernoulliImage(dist.Independent):
 
     Pyro's Bernoulli negates every pixel's cross-entropy before the sum over pixels; here
     the sum comes first, which saves one elementwise pass forward and one backward.
-    Without gradients (evaluation), log p(x | l) = sum_d x_d l_d - softplus(l_d) is taken
-    as a contraction of the logits with the data (no temporary of the logits' size, the
-    data not expanded over the particles) and one softplus pass; with gradients, the
-    cross-entropy kernel, whose backward is a single fused pass.
     """
-
-    #: where softplus(l) is taken as l: exp(-50) is below float64's rounding of 50
-    SOFTPLUS_THRESHOLD = 50.0
 
     def __init__(self, logits: torch.Tensor, validate_args: bool | None = None):
         super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
@@ -80,12 +73,8 @@ class BernoulliImage(dist.Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        if torch.is_grad_enabled() and (self.logits.requires_grad or value.requires_grad):
-            logits, value = torch.broadcast_tensors(self.logits, value)
-            return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
-        value = value.to(self.logits.dtype)
-        fit = torch.einsum("...d,...d->...", self.logits, value)
-        return fit - F.softplus(self.logits, threshold=self.SOFTPLUS_THRESHOLD).sum(-1)
+        logits, value = torch.broadcast_tensors(self.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
 _CB_TAYLOR = 0.1  # |eta / 2| below which the series replace the closed forms

@@ -1,18 +1,19 @@
-"""The command line's thread policy: OpenMP threads that sleep while they wait, and a
-thread count that shares the cores among the processes of one machine.
+"""The command line's thread settings: a thread count that shares the cores among the
+processes of one machine, and ``--threads N``.
 
-OpenMP's worker threads spin on a core while they wait for work; on a machine whose cores
-other programs want too (a shared workstation, a cluster node with other jobs, several
-torchrun processes on one machine), a spinning thread holds a core that the thread it
-waits for needs, and a step of milliseconds takes a hundred times longer. With
-``OMP_WAIT_POLICY=PASSIVE`` the threads sleep instead. OpenMP reads that variable once,
-when torch loads its runtime, so the policy is set here, before ``import torch``: this
-module imports nothing of torch or of the rest of the package at its top.
+OpenMP's worker threads spin on a core while they wait for work. On a machine whose cores
+other programs want too, a spinning thread can hold a core that the thread it waits for
+needs; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead. It is not the default here:
+measured side by side on the 2-core build machine (``experiments/benchmark.py --load 1``,
+experiments/results/benchmark-load), it made the quiet machine's default VAE step 2.6x
+slower (10 against 3.8 ms) and the quickstart's epoch 2.3x slower, while with one busy
+process beside it the default policy's epoch was 4.3x its quiet time. A user on a busy
+machine sets ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``) for the command; OpenMP
+reads the variable once, when torch loads its runtime, which is why this module imports
+nothing of torch or of the rest of the package at its top.
 
-The policy belongs to the command line only (``pyro-vae`` and ``python -m pyro_vae``):
+These settings belong to the command line only (``pyro-vae`` and ``python -m pyro_vae``):
 importing ``pyro_vae`` as a library changes neither the environment nor torch's threads.
-A variable the user has set is kept as it is (``OMP_WAIT_POLICY=ACTIVE`` brings spinning
-back); ``--threads N`` sets the count for one command.
 
 Under torchrun (``LOCAL_WORLD_SIZE`` in the environment), each process gets the cores
 given to this process divided by the processes on its machine. torchrun itself sets
@@ -25,9 +26,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-
-WAIT_POLICY = "PASSIVE"
-
 
 def cores() -> int:
     """The cores this process may run on (its CPU affinity: taskset, cgroups), at least 1."""
@@ -52,11 +50,10 @@ def per_process_threads(environ: MutableMapping[str, str], available: int | None
 
 
 def apply_cli_policy(environ: MutableMapping[str, str] | None = None) -> None:
-    """Set the command line's defaults in ``environ`` (the process's environment): the
-    passive wait policy unless the user chose one, and under torchrun the per-process
-    thread count. Call it before torch is imported; child processes inherit it."""
+    """Set the command line's defaults in ``environ`` (the process's environment): under
+    torchrun the per-process thread count; the user's OpenMP variables are kept. Call it
+    before torch is imported; child processes inherit it."""
     environ = os.environ if environ is None else environ
-    environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     threads = per_process_threads(environ)
     if threads is not None:
         environ["OMP_NUM_THREADS"] = str(threads)

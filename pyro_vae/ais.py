@@ -34,7 +34,9 @@ a Metropolis test on the Hamiltonian. The step size is tuned without touching th
 estimator's validity: beside the C chains of each image run a few pilot chains (their own
 keys, started from g) in the same tensors, and only they adapt it, per image and per
 temperature, from their acceptance probability (multiplicatively, towards 0.65, the
-optimum for HMC of Beskos et al. 2013). The step size of transition t is a function of
+optimum for HMC of Beskos et al. 2013), and each transition uses it times a keyed
+uniform factor in [0.7, 1.3], so that no fixed trajectory length resonates with the
+target (a trajectory of half its period maps z to its mirror image). The step size of transition t is a function of
 the pilot chains' path up to t - 1, which is independent of the C chains, so conditional
 on it every chain runs a fixed sequence of f_t-invariant kernels and its weight is exactly
 unbiased; the pilots' own weights are discarded. Adapting from the scored chains' own
@@ -85,6 +87,7 @@ ADAPT_RATE = 0.3  # log step size moves by ADAPT_RATE * (acceptance - target) pe
 INITIAL_STEP = 0.05
 STEP_RANGE = (1e-4, 2.0)
 PILOT_CHAINS = 4
+JITTER = 0.3  # each transition's step size is the tuned one times a keyed uniform in [1 - JITTER, 1 + JITTER]
 _PILOT, _SIMULATE = 0x50494C4F54, 0x53494D  # words folded into the seed for their key streams
 
 
@@ -249,7 +252,8 @@ class _Target:
 
     def state(self, z: torch.Tensor) -> _State:
         chains = z.shape[0]
-        with own_parameters(), torch.enable_grad():
+        # unvalidated: the start's draw checked the arguments, and these are the same kinds of values
+        with own_parameters(), torch.enable_grad(), pyro.validation_enabled(False):
             z = z.detach().requires_grad_()
             values = self.split(z)
             log_p = self._log_joint(self.model, values, chains)
@@ -328,9 +332,16 @@ def _run_chains(target: _Target, betas: torch.Tensor, leapfrog: int, keys: DrawK
             momentum = torch.cat([keyed_normal(pilot, f"{tag}-momentum-{nxt}", torch.Size(p_shape), 0, 1,
                                                s.z.dtype, z.device), momentum])
             u = torch.cat([_uniform(pilot, f"{tag}-accept-{nxt}", p_shape[:2]), u])
+        if steps is None:  # jittered, against trajectories that resonate with the target's period
+            jitter_keys = pilot if pilot is not None else keys
+            jitter = 1 + JITTER * (2 * _uniform(DrawKeys(fold(jitter_keys.seed, 1), jitter_keys.index, 0),
+                                                f"{tag}-jitter-{nxt}", (1, batch))[0] - 1)
+            used_step = step * jitter.to(step.device)
+        else:
+            used_step = step
         if used is not None:
-            used[nxt] = step.cpu()
-        s, prob, moved = _hmc(target, s, b[nxt], step, leapfrog, momentum, u)
+            used[nxt] = used_step.cpu()
+        s, prob, moved = _hmc(target, s, b[nxt], used_step, leapfrog, momentum, u)
         accepted += moved[pilots:].double().sum(0)
         if pilots:
             step = (step * torch.exp(ADAPT_RATE * (prob[:pilots].double().mean(0) - TARGET_ACCEPT))).clamp(*STEP_RANGE)

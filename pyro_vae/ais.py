@@ -11,8 +11,10 @@ the geometric path from a start density g(z) to p(x, z):
 
 E[w] = p(x) for every T, so the log of the mean of the C chains' weights is a stochastic
 lower bound on log p(x) (E log mean w <= log p(x)) that tightens as T grows; T = 1 is
-importance sampling with C draws from g, and with the guide as g and the evaluator's keys
-its value is IWAE-C (to rounding). The start g is the guide q(z | x) (``start="guide"``), or
+importance sampling with C draws from g: with the guide as g, a guide that enumerates
+nothing and the evaluator's keys, its value is IWAE-C (to rounding). (A guide that
+enumerates a label y gives AIS a draw of y ~ q(y | x) and the mixture q(z | x) as g, where
+the evaluator sums over y for every draw: two unbiased estimates, not the same one.) The start g is the guide q(z | x) (``start="guide"``), or
 the model's own prior over its latents given x (``start="prior"``: the latent sites in
 program order, each given the values before it; for a flow guide, whose density cannot be
 evaluated at an arbitrary z, the only choice).
@@ -242,7 +244,7 @@ class _Target:
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
                 try:
                     total = total + _site_log_prob(site)
-                except NotImplementedError:
+                except (NotImplementedError, KeyError):  # planar and radial: no inverse, no cached value
                     raise ConfigError(f"the guide's site {name!r} has no density at an arbitrary z (a flow without "
                                       "an inverse), which AIS from the guide needs: pass {{start}}",
                                       start=Flag("start", "prior", cli="--ais-start prior")) from None

@@ -22,7 +22,9 @@ from click.core import ParameterSource
 
 from . import distributed, plots
 from .threads import use_threads
-from .evaluation import evaluate_run, evaluation_path, format_summary, nonempty_split, split_data, write_evaluation
+from .ais import STARTS
+from .evaluation import (ais_arrays, evaluate_ais, evaluate_bdmc, evaluate_run, evaluation_path, format_summary,
+                         nonempty_split, split_data, write_evaluation)
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
@@ -261,17 +263,38 @@ for _name, _cls in MODELS.items():
 @shared("output", help="JSON file (default: RUN_DIR/eval-SPLIT-iwK[-nN][-best].json)")
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="trace each chunk of the estimate once per shape and run the trace (the same numbers, faster)")
+@click.option("--ais", type=click.IntRange(min=1),
+              help="also annealed importance sampling of log p(x) per image, with this many distributions (T)")
+@click.option("--chains", default=16, show_default=True, type=click.IntRange(min=1),
+              help="AIS chains per image (C)")
+@click.option("--leapfrog", default=10, show_default=True, type=click.IntRange(min=1),
+              help="leapfrog steps per HMC transition of AIS (L)")
+@click.option("--ais-start", default="guide", show_default=True, type=click.Choice(STARTS),
+              help="where AIS starts: the guide q(z | x), or the model's prior (needed for a flow guide)")
+@click.option("--bdmc", type=click.IntRange(min=1),
+              help="also BDMC on this many images simulated from the model, at T = --ais (1000 when not given)")
 @shared(*RUNTIME, "backend", "threads")
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
-             max_rows: int, seed: int, output: str | None, compile: bool, data_dir: str | None, device: str,
+             max_rows: int, seed: int, output: str | None, compile: bool, ais: int | None, chains: int,
+             leapfrog: int, ais_start: str, bdmc: int | None, data_dir: str | None, device: str,
              download: bool, backend: str, threads: int | None) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples.
     Each image's draws are keyed by the seed and its row in the split, so its estimates do
-    not depend on --batch-size, --max-rows, --limit or the number of processes."""
+    not depend on --batch-size, --max-rows, --limit or the number of processes. With
+    --ais, AIS estimates beside them; with --bdmc, the BDMC bounds on simulated images."""
     use_threads(threads)
+    ctx = click.get_current_context()
+    if ais is None and bdmc is None:
+        for name in ("chains", "leapfrog", "ais_start"):
+            if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+                raise ConfigError("{given} sets up AIS: pass {ais} (or {bdmc}) too", given=Flag(name),
+                                  ais=Flag("ais", cli="--ais T"), bdmc=Flag("bdmc", cli="--bdmc N"))
     with _process_group(backend, device) as world:
+        if world.size > 1 and (ais or bdmc):
+            raise ConfigError("{ais} and {bdmc} run in one process: start without torchrun",
+                              ais=Flag("ais"), bdmc=Flag("bdmc"))
         run = load_run(run_dir, checkpoint, device)
-        out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint)
+        out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint, ais, bdmc)
         with world.together():
             if world.main:
                 check_writable(out)  # before minutes of work, not after
@@ -282,8 +305,18 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
             summary, est = evaluate_run(run, x, labels, iw, seed=seed, batch_size=batch_size, max_rows=max_rows,
                                         progress=bar.update if world.main else None, index=index, compile=compile,
                                         log=(lambda m: click.echo(m, err=True)) if world.main else None)
+        ais_est = bdmc_est = None
+        options = dict(chains=chains, leapfrog=leapfrog, start=ais_start, seed=seed, batch_size=batch_size,
+                       max_rows=max_rows)
+        if ais:
+            with click.progressbar(length=len(x), label=f"AIS, T={ais}", file=sys.stderr) as bar:
+                summary["ais"], ais_est = evaluate_ais(run, x, ais, index=index, progress=bar.update, **options)
+        if bdmc:
+            steps = ais or 1000
+            with click.progressbar(length=bdmc, label=f"BDMC, T={steps}", file=sys.stderr) as bar:
+                summary["bdmc"], bdmc_est = evaluate_bdmc(run, x, bdmc, steps, progress=bar.update, **options)
         if world.main:
-            write_evaluation(summary, est, out, checkpoint, split, index)
+            write_evaluation(summary, est, out, checkpoint, split, index, ais_arrays(ais_est, bdmc_est))
             click.echo(format_summary(summary))
             click.echo(f"wrote {out} and per-image estimates in {out.with_suffix('.npz')}")
 

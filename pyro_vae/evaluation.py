@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import plots
+from .ais import AISEstimates, BDMCEstimates, ais, bdmc
 from .bounds import BoundEstimates, estimate_bounds
 from .data import Dataset, random_rows
 from .errors import DataError
@@ -82,6 +83,41 @@ def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_par
     return summary, est
 
 
+def evaluate_ais(run: Run, x: torch.Tensor, steps: int, *, chains: int = 16, leapfrog: int = 10,
+                 start: str = "guide", seed: int = 0, index: torch.Tensor | None = None, batch_size: int = 100,
+                 max_rows: int = 2_000, progress: Callable[[int], None] | None = None
+                 ) -> tuple[dict[str, Any], AISEstimates]:
+    """AIS estimates of log p(x) with ``steps`` distributions for every row of ``x``
+    (``ais.ais``, keyed by ``index`` as the IWAE numbers are): the summary that goes under
+    "ais" in the evaluation's JSON, and the per-image estimates."""
+    begin = time.perf_counter()
+    est = ais(run.model.model, run.model.guide, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+              index=index, batch_size=batch_size, max_rows=max_rows, progress=progress)
+    return {**est.summary(), "seconds": time.perf_counter() - begin}, est
+
+
+def evaluate_bdmc(run: Run, like: torch.Tensor, num: int, steps: int, *, chains: int = 16, leapfrog: int = 10,
+                  start: str = "guide", seed: int = 0, batch_size: int = 100, max_rows: int = 2_000,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], BDMCEstimates]:
+    """BDMC on ``num`` images simulated from the run's model (``ais.bdmc``; ``like`` is any
+    of its images): the summary that goes under "bdmc" in the JSON, and the per-image bounds."""
+    begin = time.perf_counter()
+    est = bdmc(run.model.model, run.model.guide, like, num, steps, chains=chains, leapfrog=leapfrog, start=start,
+               seed=seed, batch_size=batch_size, max_rows=max_rows, progress=progress)
+    return {**est.summary(), "seconds": time.perf_counter() - begin}, est
+
+
+def ais_arrays(est: AISEstimates | None = None, bdmc_est: BDMCEstimates | None = None) -> dict[str, Any]:
+    """The per-image AIS and BDMC numbers for the evaluation's .npz (``write_evaluation``)."""
+    out: dict[str, Any] = {}
+    if est is not None:
+        out.update(ais_log_px=est.log_px.numpy(), ais_log_px_se=est.log_px_se.numpy(),
+                   ais_log_w_sd=est.log_w_sd.numpy(), ais_acceptance=est.acceptance.numpy())
+    if bdmc_est is not None:
+        out.update(bdmc_lower=bdmc_est.lower.numpy(), bdmc_upper=bdmc_est.upper.numpy())
+    return out
+
+
 def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
     """Beside each bound and estimate in nats per image, the same in bits per dimension,
     -value / (D ln 2): the unit of the grey and colour image literature. Only for
@@ -92,19 +128,22 @@ def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
 
 
 def evaluation_path(run: Run, split: str, num_particles: int, limit: int | None = None,
-                    checkpoint: str = "last") -> Path:
-    """Where ``pyro-vae evaluate`` writes its summary by default: RUN/eval-SPLIT-iwK[-nN][-best].json
-    (the best checkpoint's results have their own name, so that neither overwrites the other)."""
+                    checkpoint: str = "last", ais: int | None = None, bdmc: int | None = None) -> Path:
+    """Where ``pyro-vae evaluate`` writes its summary by default:
+    RUN/eval-SPLIT-iwK[-nN][-aisT][-bdmcN][-best].json (the best checkpoint's results, and
+    those with AIS or BDMC, have their own names, so that none overwrites another)."""
     name = (f"eval-{split}-iw{num_particles}" + (f"-n{limit}" if limit else "")
+            + (f"-ais{ais}" if ais else "") + (f"-bdmc{bdmc}" if bdmc else "")
             + ("-best" if checkpoint == "best" else ""))
     return run.dir.path / f"{name}.json"
 
 
 def write_evaluation(summary: dict[str, Any], est: BoundEstimates, out: Path, checkpoint: str, split: str,
-                     index: torch.Tensor) -> list[Path]:
+                     index: torch.Tensor, arrays: dict[str, Any] | None = None) -> list[Path]:
     """Write the results of ``evaluate_run``: the summary (with the checkpoint and split it
-    scored) as JSON at ``out``, the per-image estimates beside it as .npz and, for a
-    classifier, its reliability diagram as PNG, each atomically. Returns the files written."""
+    scored) as JSON at ``out``, the per-image estimates beside it as .npz (with ``arrays``,
+    e.g. ``ais_arrays``, among them) and, for a classifier, its reliability diagram as PNG,
+    each atomically. Returns the files written."""
     summary.update(checkpoint=checkpoint, split=split)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -119,7 +158,7 @@ def write_evaluation(summary: dict[str, Any], est: BoundEstimates, out: Path, ch
               log_px=est.log_px.numpy(), log_px_se=trusted(est.log_px_se),
               log_px_se_delta=est.log_px_se_delta.numpy(), k_hat=est.k_hat.numpy(),
               jackknife=est.jackknife.numpy(), jackknife_se=trusted(est.jackknife_se),
-              reconstruction=est.log_lik.numpy())
+              reconstruction=est.log_lik.numpy(), **(arrays or {}))
     return [out, out.with_suffix(".npz"), *written]
 
 
@@ -169,4 +208,18 @@ def format_summary(s: dict[str, Any]) -> str:
     for key in ("accuracy", "error", "ece"):
         if key in s:
             lines.append(f"{'classifier ' + key:<22}{fmt(s[key], digits=4)}")
+    if "ais" in s:
+        a = s["ais"]
+        lines.append(f"{'log p(x), AIS-' + str(a['steps']):<22}{fmt(a['log_px']['mean'], digits=2)}"
+                     f"{fmt(a['log_px']['mc_se'])}{fmt(a['log_px']['data_se'])}  bound (stochastic lower), "
+                     f"{a['chains']} chains from the {a['start']}")
+        lines.append(f"  AIS: {a['leapfrog']} leapfrog steps, acceptance {a['acceptance']:.2f}, spread of the chains' "
+                     f"log weights {a['log_w_sd']:.3f}, {a['gradient_evaluations_per_image']} gradient evaluations "
+                     f"per image, {a['seconds']:.1f} s")
+    if "bdmc" in s:
+        b = s["bdmc"]
+        lines.append(f"BDMC on {b['images']} images simulated from the model, T={b['steps']}: lower "
+                     f"{b['lower']['mean']:.2f}, upper {b['upper']['mean']:.2f}, gap {b['gap']['mean']:.3f} "
+                     f"(max {b['gap']['max']:.3f}) nats per image: AIS at this T is about that far from log p(x) "
+                     f"on data like the model's samples")
     return "\n".join(lines)

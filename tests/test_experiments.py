@@ -285,9 +285,9 @@ fi
 """
 
 
-def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path):
-    """A stopped piece (exit 143) is recorded; the same command again continues the run
-    with --resume, then evaluates it and copies the outputs to RESULTS/burda-ROW/."""
+def fake_pyro_vae(tmp_path):
+    """The stand-in on PATH, and the environment, call log, runs and results folders of
+    burda_budget.sh run with it."""
     fake = tmp_path / "bin" / "pyro-vae"
     fake.parent.mkdir()
     fake.write_text(FAKE_PYRO_VAE)
@@ -295,6 +295,13 @@ def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path
     log, runs, results = tmp_path / "calls.log", tmp_path / "runs", tmp_path / "results"
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(log),
            "RUNS": str(runs), "RESULTS": str(results), "PYTHON": sys.executable}
+    return env, log, runs, results
+
+
+def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path):
+    """A stopped piece (exit 143) is recorded; the same command again continues the run
+    with --resume, then evaluates it and copies the outputs to RESULTS/burda-ROW/."""
+    env, log, runs, results = fake_pyro_vae(tmp_path)
 
     def piece(until):
         return subprocess.run(["bash", str(REPO / "experiments" / "burda_budget.sh"), "iwae5"],
@@ -322,13 +329,7 @@ def test_burda_budget_restores_a_carried_row_on_a_fresh_machine_and_drops_the_ca
     """A piece stopped in one session is carried (carry.py save); on a machine without the
     run directory the script restores it, continues with --resume, and once the row is
     evaluated the carry folder is gone."""
-    fake = tmp_path / "bin" / "pyro-vae"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_PYRO_VAE)
-    fake.chmod(0o755)
-    log, runs, results = tmp_path / "calls.log", tmp_path / "runs", tmp_path / "results"
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-           "RUNS": str(runs), "RESULTS": str(results), "PYTHON": sys.executable}
+    env, log, runs, results = fake_pyro_vae(tmp_path)
     script = REPO / "experiments" / "burda_budget.sh"
     first = subprocess.run(["bash", str(script), "iwae5"], env={**env, "FAKE_UNTIL": "1000"}, cwd=tmp_path)
     assert first.returncode == 143

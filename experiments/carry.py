@@ -80,28 +80,18 @@ def _training(run_dir: Path) -> bool:
 def stop(run_dir: Path, timeout: float = 600.0) -> None:
     """SIGTERM the process that holds ``run_dir``'s lock (fit saves its state mid-epoch and
     exits) and wait until the lock is free; nothing to do when no process holds it."""
-    import fcntl
-
-    lock = run_dir / ".lock"
-    if not lock.exists():
+    if not _training(run_dir):
         return
+    lock = run_dir / ".lock"
     pid = lock.read_text().strip()
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return  # nobody trains it
-        except BlockingIOError:
-            pass
-        if not pid.isdigit():
-            raise click.ClickException(f"{lock} is held but names no process; stop the run by hand")
-        os.kill(int(pid), signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                time.sleep(0.5)
+    if not pid.isdigit():
+        raise click.ClickException(f"{lock} is held but names no process; stop the run by hand")
+    os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _training(run_dir):
+            return
+        time.sleep(0.5)
     raise click.ClickException(f"process {pid} still holds {lock} after {timeout:.0f} s")
 
 

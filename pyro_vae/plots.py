@@ -71,27 +71,30 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
 
 
 def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train and validation bound per epoch, in nats per image; beside them, where the
-    history has them, the validation ELBO's two terms: KL and reconstruction."""
-    terms = all("valid_kl" in row for row in history)
+    """Train and validation bound per scored epoch, in nats per image, and the training
+    objective per epoch; beside them, where the history has them, the validation ELBO's
+    two terms: KL and reconstruction."""
+    scored = [row for row in history if "valid_bound" in row]
+    terms = all("valid_kl" in row for row in scored)
     fig = Figure(figsize=(11 if terms else 6, 4))
     if terms:
         right = fig.add_subplot(1, 2, 2)
-        epochs = [row["epoch"] for row in history]
-        right.plot(epochs, [row["valid_kl"] for row in history], color="tab:red", label="KL(q(z|x) || p(z))")
+        epochs = [row["epoch"] for row in scored]
+        right.plot(epochs, [row["valid_kl"] for row in scored], color="tab:red", label="KL(q(z|x) || p(z))")
         right.set_ylabel("KL (nats per image)", color="tab:red")
         other = right.twinx()
-        other.plot(epochs, [row["valid_reconstruction"] for row in history], color="tab:blue",
+        other.plot(epochs, [row["valid_reconstruction"] for row in scored], color="tab:blue",
                    label="E_q log p(x|z)")
         other.set_ylabel("reconstruction (nats per image)", color="tab:blue")
         right.set_xlabel("epoch")
         right.set_title("validation ELBO = reconstruction - KL", fontsize=9)
         right.grid(alpha=0.3)
     ax = fig.add_subplot(1, 2, 1) if terms else fig.add_subplot()
-    epochs = [row["epoch"] for row in history]
-    ax.plot(epochs, [row["train_bound"] for row in history], label="train (fixed subset)")
-    ax.plot(epochs, [row["valid_bound"] for row in history], label="validation")
-    ax.plot(epochs, [-row["train_loss"] for row in history], ":", label="training objective")
+    epochs = [row["epoch"] for row in scored]
+    ax.plot(epochs, [row["train_bound"] for row in scored], label="train (fixed subset)")
+    ax.plot(epochs, [row["valid_bound"] for row in scored], label="validation")
+    ax.plot([row["epoch"] for row in history], [-row["train_loss"] for row in history], ":",
+            label="training objective")
     ax.set_xlabel("epoch")
     ax.set_ylabel("bound on log p(x) (nats per image)")
     ax.grid(alpha=0.3)

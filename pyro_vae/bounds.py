@@ -98,13 +98,17 @@ def importance_traces(
     *args: Any,
     max_plate_nesting: int = 1,
     stop_guide_params: bool = False,
+    stop_draws: bool = False,
     keys: DrawKeys | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace]:
     """``log_weights`` and the guide's trace. With ``stop_guide_params`` the guide's
     log-densities are computed with their distribution parameters detached, so that the
     guide's parameters reach the weights only through the reparameterized draws (the
-    form that doubly reparameterized gradients need)."""
+    form that doubly reparameterized gradients need). With ``stop_draws`` the guide's
+    draws are cut from the graph before the model scores them (and in the guide trace
+    returned), so that the guide's parameters reach the weights only through log q (what
+    wake-sleep's gradients need)."""
     batch = x.shape[0]
     particle_dim = -1 - max_plate_nesting
     first_enum_dim = particle_dim - 1
@@ -114,6 +118,10 @@ def importance_traces(
         guide_trace = poutine.trace(
             poutine.enum(guide, first_available_dim=first_enum_dim)
         ).get_trace(x, *args, **kwargs)
+        if stop_draws:
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    site["value"] = site["value"].detach()
         guide_enum_dims = [
             s["infer"]["_enumerate_dim"]
             for s in guide_trace.nodes.values()
@@ -155,6 +163,16 @@ def importance_traces(
         return log_joint[0], log_lik[0], guide_trace
     posterior = torch.softmax(log_joint, dim=0)
     return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
+
+
+def guide_log_density(guide_trace: poutine.Trace) -> torch.Tensor | float:
+    """log q of a guide trace's draws: the unscaled log-densities of its latent sites,
+    summed (each datapoint's, where the sites are in the data plate)."""
+    total: Any = 0.0
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            total = total + _site_log_prob(site)
+    return total
 
 
 def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, log: Callable[[str], None] | None,

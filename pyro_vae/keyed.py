@@ -11,8 +11,9 @@ per image would, one call per image and chunk).
 
 ``KeyedNoise`` is the Pyro messenger that supplies these draws to the guide's sample sites;
 it covers every reparameterized site built on normal noise (Normal, MultivariateNormal,
-their ``Independent`` and ``TransformedDistribution`` forms, masked or not) and refuses
-any other, rather than let it draw unkeyed noise silently.
+their ``Independent`` and ``TransformedDistribution`` forms, masked or not), and Bernoulli
+sites, drawn as 1 where the normal CDF of the noise (a keyed uniform) is below the
+probability; it refuses any other, rather than let it draw unkeyed noise silently.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def keyed_normal(keys: DrawKeys, site: str, shape: torch.Size, particle_axis: in
 
 
 def reparameterized(fn: td.Distribution, eps: torch.Tensor) -> torch.Tensor:
-    """A draw of ``fn`` from its standard normal noise ``eps`` (of ``fn``'s full shape)."""
+    """A draw of ``fn`` from its standard normal noise ``eps`` (of ``fn``'s full shape);
+    for a Bernoulli, a discrete draw by inversion of the uniform Phi(eps)."""
     if isinstance(fn, (td.Independent, MaskedDistribution)):
         return reparameterized(fn.base_dist, eps)
+    if isinstance(fn, td.Bernoulli):
+        return (0.5 * torch.erfc(-eps / math.sqrt(2.0)) < fn.probs).to(fn.probs.dtype)
     if isinstance(fn, td.Normal):
         return fn.loc + fn.scale * eps
     if isinstance(fn, td.MultivariateNormal):
@@ -94,7 +98,7 @@ def reparameterized(fn: td.Distribution, eps: torch.Tensor) -> torch.Tensor:
                 value = t(value)
             return value
     raise ValueError(f"keyed draws need a guide site built on normal noise (Normal, MultivariateNormal, "
-                     f"or a transform of one), not a {type(fn).__name__}; enumerate discrete sites")
+                     f"or a transform of one) or a Bernoulli, not a {type(fn).__name__}; enumerate discrete sites")
 
 
 class KeyedNoise(Messenger):

@@ -109,6 +109,25 @@ def importance_traces(
     draws are cut from the graph before the model scores them (and in the guide trace
     returned), so that the guide's parameters reach the weights only through log q (what
     wake-sleep's gradients need)."""
+    log_w, log_lik, guide_trace, _ = importance_traces_with_model(
+        model, guide, x, num_particles, *args, max_plate_nesting=max_plate_nesting,
+        stop_guide_params=stop_guide_params, stop_draws=stop_draws, keys=keys, **kwargs)
+    return log_w, log_lik, guide_trace
+
+
+def importance_traces_with_model(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    *args: Any,
+    max_plate_nesting: int = 1,
+    stop_guide_params: bool = False,
+    stop_draws: bool = False,
+    keys: DrawKeys | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace, poutine.Trace]:
+    """``importance_traces`` and the model's trace (replayed on the guide's draws)."""
     batch = x.shape[0]
     particle_dim = -1 - max_plate_nesting
     first_enum_dim = particle_dim - 1
@@ -160,9 +179,9 @@ def importance_traces(
     log_joint = log_joint.expand(shape).reshape(-1, num_particles, batch)
     log_lik = log_lik.expand(shape).reshape(log_joint.shape)
     if log_joint.shape[0] == 1:
-        return log_joint[0], log_lik[0], guide_trace
+        return log_joint[0], log_lik[0], guide_trace, model_trace
     posterior = torch.softmax(log_joint, dim=0)
-    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
+    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace, model_trace
 
 
 def guide_log_density(guide_trace: poutine.Trace) -> torch.Tensor | float:

@@ -58,13 +58,15 @@ class Group(click.Group):
             raise click.ClickException(f"cannot read or write{where}: {e.strerror or e}") from None
 
 
-def _tuple_of_ints(value: str) -> tuple[int, ...]:
+def _tuple_of_ints(value: str, name: str) -> tuple[int, ...]:
+    """Comma-separated sizes of the option ``name``, each a positive integer."""
     try:
         sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 200,200, got {value!r}")
+        raise ConfigError(f"{{flag}} expects comma-separated integers such as 200,200, got {value!r}",
+                          flag=Flag(name)) from None
     if any(s < 1 for s in sizes):
-        raise click.BadParameter("layer sizes must be positive")
+        raise ConfigError(f"{{flag}}: layer sizes must be positive, got {value!r}", flag=Flag(name))
     return sizes
 
 
@@ -114,7 +116,7 @@ def _values_from_options(cls: type, opts: dict[str, Any], prefix: str = "") -> d
         if is_nested(f):
             values[f.name] = _values_from_options(hints[f.name], opts, name + NESTED)
         elif typing.get_origin(hints[f.name]) is tuple:
-            values[f.name] = _tuple_of_ints(opts[name])
+            values[f.name] = _tuple_of_ints(opts[name], name.replace(NESTED, '.'))
         else:
             values[f.name] = opts[name]
     return values

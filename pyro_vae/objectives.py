@@ -19,7 +19,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 
-from .bounds import guide_log_density, importance_traces, log_weights
+from .bounds import guide_log_density, importance_traces, importance_traces_with_model, log_weights
 from .errors import ConfigError, Flag
 
 
@@ -156,13 +156,20 @@ class WakeSleepObjective(ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.insomnia = insomnia
         self.traceable = insomnia == 1  # for ``compiled``: the sleep phase is not traced
+        self._model_checked = False
 
     def wake(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log_w, log_p, log_q)`` of the wake phase's draws, each (particles, batch):
         log_p carries the model's gradient, log_q the guide's, log_w both."""
-        log_w, _, guide_trace = importance_traces(model, guide, x, self.num_particles, *args, stop_draws=True,
-                                                  max_plate_nesting=self.max_plate_nesting, **kwargs)
+        log_w, _, guide_trace, model_trace = importance_traces_with_model(
+            model, guide, x, self.num_particles, *args, stop_draws=True, max_plate_nesting=self.max_plate_nesting,
+            **kwargs)
+        if not self._model_checked:
+            if not any(s["fn"].log_prob(s["value"]).requires_grad for s in model_trace.nodes.values()
+                       if s["type"] == "sample"):
+                raise ConfigError("wake-sleep learns the model's parameters, and this model has none")
+            self._model_checked = True
         log_q = guide_log_density(guide_trace)
         return log_w, log_w + log_q, log_q
 
@@ -184,8 +191,6 @@ class WakeSleepObjective(ELBO):
     def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         log_w, log_p, log_q = self.wake(model, guide, x, *args, **kwargs)
-        if not log_p.requires_grad:
-            raise ConfigError("wake-sleep learns the model's parameters, and this model has none")
         weights = torch.softmax(log_w, 0).detach()  # per datapoint: normalised over its own draws
         surrogate = (weights * log_p).sum(0)
         if self.insomnia > 0:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pyro_vae import build_model, estimate_bounds, make_objective
+from pyro_vae import CompiledLoss, build_model, estimate_bounds, make_objective
 from pyro_vae.bounds import importance_traces
 from pyro_vae.errors import ConfigError
 
@@ -169,3 +169,19 @@ def test_fit_sbn_and_evaluate(tiny_npy, tmp_path, objective):
     result = invoke("evaluate", run, "--iw", 20, "--split", "valid", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "log p(x), IWAE-20" in result.output
+
+
+def test_the_compiled_rws_step_is_the_eager_one():
+    m, x = sbn3(), images(8)
+    objective = make_objective("rws", 3)
+    compiled = CompiledLoss(m, objective, 1.0)
+    for _ in range(3):
+        state = torch.get_rng_state()
+        eager = m.training_loss(objective, (x,), 1.0)
+        eager_grads = torch.autograd.grad(eager, list(m.parameters()), allow_unused=True)
+        torch.set_rng_state(state)
+        traced = compiled((x,), 1.0)
+        traced_grads = torch.autograd.grad(traced, list(m.parameters()), allow_unused=True)
+        assert torch.equal(eager.detach(), traced.detach())
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(eager_grads, traced_grads))
+    assert compiled.compiled.enabled and compiled.compiled.graph_calls == 3

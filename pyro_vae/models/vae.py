@@ -47,7 +47,8 @@ class VAE(Family):
 
     Config = VAEConfig
     default_objective = "meanfield"
-    objectives = ("meanfield", "trace", "iwae", "renyi", "dreg")  # the flavours that train this pair
+    # the flavours that train this pair
+    objectives = ("meanfield", "trace", "iwae", "renyi", "dreg", "rws", "wake-sleep")
 
     def __init__(self, shape: Shape | int, config: VAEConfig | None = None):
         super().__init__(shape, config or VAEConfig())

@@ -20,7 +20,17 @@ along extra left dimensions, and a logsumexp over those dimensions marginalises 
 before any average over K. A site enumerated in the guide contributes its model prior and no guide density, which
 makes w_k = sum_y p(x, y, z_k^y) / q(z_k^y | x, y), still unbiased for p(x).
 
-Every latent must live inside the model's data plate (no global latent variables).
+Every latent lives inside the model's data plate, except global latents that model and
+guide mark ``infer[keyed.GLOBAL]`` (the weights W of a Bayesian network, outside the data
+plate). Those are drawn from the guide inside each importance weight, one draw W_k per
+particle (shared by the datapoints of that particle, keyed by the seed and the particle),
+and their prior / guide ratio p(W_k) / q(W_k) is left out of the per-datapoint weight:
+
+    w_k = p(x | z_k, W_k) p(z_k) / q(z_k | x),   W_k ~ q(W),   E[w_k] = E_q(W)[p(x | W)],
+
+so that IWAE-K is a bound, in expectation, on the log predictive likelihood under the
+weight posterior, log E_q(W)[p(x | W)] (and the ELBO on E_q(W)[log p(x | W)]), not on the
+marginal likelihood log p(x) of the prior over W, and the KL term reported is z's alone.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .compiled import Compiled
 from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
-from .keyed import DrawKeys, KeyedNoise
+from .keyed import GLOBAL, DrawKeys, KeyedNoise
 from .pair import family_of, own_parameters
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
@@ -154,7 +164,7 @@ def importance_traces_with_model(
     log_joint: Any = 0.0
     log_lik: Any = 0.0
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get(GLOBAL):
             continue
         lp = _site_log_prob(site)
         if lp.dim() < 2 or lp.shape[-1] != batch:
@@ -166,7 +176,8 @@ def importance_traces_with_model(
         if site["is_observed"]:
             log_lik = log_lik + lp
     for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
+                and not site["infer"].get(GLOBAL):
             if "_enumerate_dim" not in site["infer"]:
                 if stop_guide_params:
                     site = {**site, "fn": _detached(site["fn"])}

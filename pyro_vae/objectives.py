@@ -239,6 +239,7 @@ class ObjectiveSpec:
     min_particles: int = 1
     fixed_particles: int | None = None
     default_particles: int | None = None
+    trains_global_latents: bool = False  # a latent outside the data plate (a Bayesian network's weights)
 
     def check(self, alpha: float, beta: float, kl_warmup: float, particles: int | None = None,
               insomnia: float = 1.0) -> None:
@@ -292,11 +293,12 @@ _NO_INVERSE = ("it scores draws cut from the graph and the model's own draws und
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("meanfield", "TraceMeanField_ELBO: the ELBO with the analytic KL where one is registered",
-                  _elbo(TraceMeanField_ELBO),
+                  _elbo(TraceMeanField_ELBO), trains_global_latents=True,
                   flow_refusal="a flow has no analytic KL to the prior, and TraceMeanField_ELBO would silently "
                                "estimate it by Monte Carlo, which is the trace objective",
                   flow_alternative="trace"),
-    ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO)),
+    ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO),
+                  trains_global_latents=True),
     ObjectiveSpec("enum", "TraceEnum_ELBO: sites marked for parallel enumeration summed out exactly",
                   _elbo(TraceEnum_ELBO)),
     ObjectiveSpec("iwae", "importance-weighted bound with k particles, enumerated sites summed out",
@@ -311,7 +313,9 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
                                "radial and Sylvester flows have none (not implemented for iaf either)",
                   flow_alternative="iwae"),
     ObjectiveSpec("tracegraph", "TraceGraph_ELBO: the ELBO with score-function gradients, Rao-Blackwellized, "
-                  "with the guide's baselines", _elbo(ScoreFunctionELBO)),
+                  "with the guide's baselines", trains_global_latents=True,
+                  # particles one after another: a baseline's shape is that of one particle's log-density
+                  build=lambda k, alpha: ScoreFunctionELBO(num_particles=k, max_plate_nesting=1)),
     ObjectiveSpec("rws", "reweighted wake-sleep with k particles per datapoint: the iwae gradient for the model, "
                   "wake (and, by --insomnia, sleep) phases for the guide", lambda k, alpha, insomnia:
                   WakeSleepObjective(k, insomnia), allows_kl_weight=False, uses_insomnia=True, min_particles=2,

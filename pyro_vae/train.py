@@ -296,7 +296,13 @@ def resolve(name: str, model_config: Any = None, train: TrainConfig | None = Non
                if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
         raise ConfigError(f"{name} cannot be trained with {{objective}}{why}; "
                           f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
-    objective_spec(train.objective).check_guide(family.guide)
+    spec = objective_spec(train.objective)
+    spec.check_guide(family.guide)
+    if cls.global_latents(family) and not spec.trains_global_latents:
+        raise ConfigError("{objective} weighs each datapoint's draws on their own and has no place for latents "
+                          "shared by the batch (the weights of {bayesian}); use {meanfield} or trace",
+                          objective=Flag("objective", train.objective), bayesian=Flag("bayesian"),
+                          meanfield=Flag("objective", "meanfield"))
     return RunConfig(name, family, train)
 
 

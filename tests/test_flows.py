@@ -251,11 +251,12 @@ def test_meanfield_with_a_flow_would_silently_be_trace():
 def test_each_objective_takes_a_flow_or_says_why_not_and_what_instead(name):
     spec = objective_spec(name)
     spec.check_guide("diagonal")
-    if name in ("meanfield", "dreg"):
+    if name in ("meanfield", "dreg", "rws", "wake-sleep"):
         with pytest.raises(ConfigError, match=f"objective='{name}' cannot train guide='planar'.*use objective=") as e:
             spec.check_guide("planar")
         assert e.value.cli_message().startswith(f"--objective {name} cannot train --guide planar")
-        assert spec.for_guide("planar") == {"meanfield": "trace", "dreg": "iwae"}[name]
+        assert spec.for_guide("planar") == {"meanfield": "trace", "dreg": "iwae", "rws": "iwae",
+                                            "wake-sleep": "trace"}[name]
     else:
         spec.check_guide("planar")
         assert spec.for_guide("planar") == name

@@ -59,14 +59,15 @@ class Group(click.Group):
 
 
 def _tuple_of_ints(value: str, name: str) -> tuple[int, ...]:
-    """Comma-separated sizes of the option ``name``, each a positive integer."""
+    """Comma-separated sizes of the option ``name`` (a field's name), each a positive integer."""
+    hint = f"'{Flag(name).cli()}'"
     try:
         sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
     except ValueError:
-        raise ConfigError(f"{{flag}} expects comma-separated integers such as 200,200, got {value!r}",
-                          flag=Flag(name)) from None
+        raise click.BadParameter(f"expected comma-separated integers such as 200,200, got {value!r}",
+                                 param_hint=hint) from None
     if any(s < 1 for s in sizes):
-        raise ConfigError(f"{{flag}}: layer sizes must be positive, got {value!r}", flag=Flag(name))
+        raise click.BadParameter(f"layer sizes must be positive, got {value!r}", param_hint=hint)
     return sizes
 
 

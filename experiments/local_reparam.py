@@ -8,9 +8,10 @@ Welling 2015), in two parts:
    minibatch), ``local`` (pre-activations per datapoint) and ``independent`` (a weight
    draw per datapoint, the slow reference), with the time per step of each; at
    initialisation and after a short training with ``local``;
-2. small data: a Bayesian decoder against the point-estimate decoder trained on the first
-   1,000 and 5,000 images of statically binarized MNIST (10% of them held out for
-   validation), each for the same epochs, scored by the evaluator on test images.
+2. small data: a Bayesian decoder against the point-estimate decoder trained on 1,000 and
+   5,000 random images of statically binarized MNIST's training split (10% of them held
+   out for validation), each for the same epochs, scored by the evaluator on random test
+   images.
 
     python experiments/local_reparam.py [--out DIR] [--batches 100] [--train-epochs 1]
         [--sizes 1000,5000] [--epochs 100] [--iw 1000] [--test-images 2000]
@@ -35,7 +36,7 @@ import torch
 
 from pyro_vae import TrainConfig, build_model, fit, load_dataset, make_objective
 from pyro_vae.bayesian import WEIGHT_SAMPLINGS
-from pyro_vae.data import toy_binary_images
+from pyro_vae.data import random_rows, toy_binary_images
 from pyro_vae.evaluation import evaluate_run, split_data
 
 #: the network of both parts: z of 20, one hidden layer of 200 (the decoder 20-200-784)
@@ -103,10 +104,14 @@ def small_data(source: Any, sizes: list[int], epochs: int, iw: int, test_images:
     x_train, x_test = source
     rows = []
     config = NETS if not quick else {"z_dim": 2, "hidden": (16,)}
+    # random rows, seeded: the split files are not shuffled (the test file's first images
+    # are not like the rest); the smaller training set is part of the larger
+    train_rows = random_rows(len(x_train), max(sizes), 0).numpy()
+    test_rows = random_rows(len(x_test), min(test_images, len(x_test)), 1).numpy()
     for n in sizes:
-        path = out / "runs" / f"first-{n}.npz"
+        path = out / "runs" / f"subset-{n}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, train=x_train[:n], test=x_test[:test_images])
+        np.savez(path, train=x_train[train_rows[:n]], test=x_test[test_rows])
         for decoder, extra in (("point", {}), ("bayesian", {"bayesian": "decoder", "weight_sampling": "local"})):
             train = TrainConfig(dataset=str(path), epochs=epochs, batch_size=100, eval_size=1000, figures="none",
                                 objective="meanfield", seed=0, binarize="none")

@@ -122,7 +122,8 @@ def small_data(source: Any, sizes: list[int], epochs: int, iw: int, test_images:
             summary, _ = evaluate_run(run, x, None, iw, index=index)
             best = max(run.history, key=lambda r: r["valid_bound"])
             row = {"train_images": n, "decoder": decoder, "epochs": epochs, "train_seconds": seconds,
-                   "last_train_bound": run.history[-1]["train_bound"], "last_valid_bound": run.history[-1]["valid_bound"],
+                   "last_train_bound": run.history[-1]["train_bound"],
+                   "last_valid_bound": run.history[-1]["valid_bound"],
                    "best_valid_epoch": best["epoch"], "test_elbo": summary["elbo"]["mean"],
                    "test_log_px": summary["log_px"]["mean"], "test_log_px_data_se": summary["log_px"]["data_se"],
                    "iw": iw, "test_images": summary["num_images"]}

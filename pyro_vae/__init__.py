@@ -40,9 +40,11 @@ _MODULES = {
     "LIKELIHOODS": "likelihoods", "make_likelihood": "likelihoods", "ADGM": "models", "GMVAE": "models",
     "IWAE": "models", "M1M2": "models", "MODELS": "models", "SSVAE": "models", "VAE": "models", "Family": "models",
     "GMVAEConfig": "models", "NetsConfig": "models", "SSVAEConfig": "models", "VAEConfig": "models",
-    "ADGMConfig": "models", "M1M2Config": "models", "SBN": "models", "SBNConfig": "models", "build_model": "models", "DECODERS": "nets", "ENCODERS": "nets",
+    "ADGMConfig": "models", "M1M2Config": "models", "SBN": "models", "SBNConfig": "models", "build_model": "models",
+    "DECODERS": "nets", "ENCODERS": "nets",
     "own_parameters": "pair", "OBJECTIVES": "objectives", "ObjectiveSpec": "objectives",
-    "RenyiObjective": "objectives", "WakeSleepObjective": "objectives", "make_objective": "objectives", "Run": "train", "RunConfig": "train",
+    "RenyiObjective": "objectives", "WakeSleepObjective": "objectives", "make_objective": "objectives",
+    "Run": "train", "RunConfig": "train",
     "TrainConfig": "train", "fit": "train", "load_run": "train", "resolve": "train", "resume": "train",
 }
 

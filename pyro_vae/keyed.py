@@ -113,8 +113,9 @@ GLOBAL_KEY = -1
 class KeyedNoise(Messenger):
     """Supply the value of every guide sample site that is neither observed, enumerated nor
     given (by replay) from ``keyed_normal``; a global latent's (``GLOBAL``) from the key of
-    no datapoint, so that every datapoint sees the same draw of each particle. Enter it outside the particle plate, so that
-    each site's distribution arrives broadcast over particles and data."""
+    no datapoint, so that every datapoint sees the same draw of each particle. Enter it
+    outside the particle plate, so that each site's distribution arrives broadcast over
+    particles and data."""
 
     def __init__(self, keys: DrawKeys, particle_dim: int):
         super().__init__()

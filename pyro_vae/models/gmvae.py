@@ -159,7 +159,8 @@ class GMVAE(VAE):
         """The VAE's rules; its Bayesian decoder is not built here."""
         super().check_config(config)
         if config.bayesian != "none":
-            raise ConfigError("the gmvae has no {bayesian} networks; use {vae}", bayesian=Flag("bayesian", config.bayesian),
+            raise ConfigError("the gmvae has no {bayesian} networks; use {vae}",
+                              bayesian=Flag("bayesian", config.bayesian),
                               vae=Flag("model", cli="pyro-vae fit vae"))
 
     def prior(self, batch: int) -> dist.Distribution:

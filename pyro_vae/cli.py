@@ -30,6 +30,7 @@ from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import check_writable, write_json, write_npy, write_npz
 from .models import MODELS
+from .objectives import objective_spec
 from .metrics import cluster_accuracy
 from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
 
@@ -225,9 +226,10 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
     doc = (cls.__doc__ or "").strip().splitlines()[0]
+    particles = objective_spec(cls.default_objective).default_particles or cls.default_particles
     return click.Command(name, callback=callback, params=params,
                          help=f"{doc} Trained by default with the {cls.default_objective} objective"
-                              + (f" and {cls.default_particles} particles." if cls.default_particles > 1 else "."))
+                              + (f" and {particles} particles." if particles > 1 else "."))
 
 
 @contextlib.contextmanager

@@ -205,12 +205,13 @@ PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective
 SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8},
                  "adgm": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "a_dim": 2},
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
-                          "m1_hidden": (16,), "m1_epochs": 2}}
+                          "m1_hidden": (16,), "m1_epochs": 2},
+                 "sbn": {"layers": (16,)}}
 
 
 @pytest.mark.parametrize("model_name,objective", PAIRS)
 def test_every_model_trains_with_each_of_its_objectives(model_name, objective, tiny_labelled, tmp_path):
-    train = config(tiny_labelled, epochs=3, objective=objective, particles=2)
+    train = config(tiny_labelled, epochs=3, objective=objective, particles=OBJECTIVES[objective].fixed_particles or 2)
     run = fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), train, tmp_path / "run", device="cpu")
     bounds = [row["valid_bound"] for row in run.history]
     assert bounds[-1] > bounds[0], bounds

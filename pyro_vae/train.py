@@ -35,7 +35,8 @@ from . import plots
 from .distributed import PeerLost, World, current as current_world
 from .keyed import fold
 from .config import MAX_SEED, check_fields, config_from_dict, option
-from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, load_dataset, random_rows
+from .data import BINARIZATIONS, DATASETS, DEFAULT_MAX_LENGTH, LAYOUTS, Dataset, is_text_source, load_dataset, random_rows
+from .text import MIN_WORDS
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
@@ -62,14 +63,22 @@ Log = Callable[[str], None]
 class TrainConfig:
     """How to train. The model's shape lives in its own config (e.g. ``VAEConfig``)."""
 
-    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASETS) + ") or a .npy/.npz file of "
-                          "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D)")
+    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASETS) + "), a .npy/.npz file of "
+                          "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D), or a text corpus: "
+                          "a .txt file of one sentence per line, or a folder of train.txt, valid.txt, test.txt")
     binarize: str | None = option(None, "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data as "
                                   "they are (default: the dataset's for --likelihood bernoulli, else none)",
                                   BINARIZATIONS)
     layout: str = option("auto", "how a 4-d user array is laid out: channels last (nhwc) or first (nchw)",
                          LAYOUTS)
-    valid_fraction: float = option(0.1, "share of an array dataset held out for validation", above=0, below=1)
+    valid_fraction: float = option(0.1, "share of an array dataset or text file held out for validation",
+                                   above=0, below=1)
+    vocab_size: int | None = option(None, "text: keep at most this many of the training split's most frequent "
+                                    "words (default: all), besides <pad> <bos> <eos> <unk>", at_least=MIN_WORDS)
+    min_count: int = option(1, "text: keep only words seen at least this often in the training split; the "
+                            "others read as <unk>", at_least=1)
+    max_length: int = option(DEFAULT_MAX_LENGTH, "text: sentences of more words than this are left out of every "
+                             "split (how many is said when the data load)", at_least=1)
     epochs: int = option(100, "passes over the training split", at_least=1)
     batch_size: int = option(100, "images per step", at_least=1)
     lr: float = option(1e-3, "Adam's learning rate", above=0)
@@ -97,7 +106,7 @@ class TrainConfig:
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
         """The dataset this config trains on, binarized and split as it says."""
         return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
-                            self.layout)
+                            self.layout, self.vocab_size, self.min_count, self.max_length)
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name in the message: the
@@ -141,6 +150,9 @@ class Run:
         if data.x_dim != self.model.x_dim:
             raise DataError(f"{data.name} now has {data.x_dim} values per item, but the model of {self.dir.path} "
                             f"was built for {self.model.x_dim}: the dataset changed since the run was trained")
+        if data.vocab != self.config.data.vocab:
+            raise DataError(f"{data.name} now gives another vocabulary than the one saved with {self.dir.path}: "
+                            "the corpus changed since the run was trained")
         return data
 
 
@@ -189,9 +201,10 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @torch.no_grad()
-def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int = 1000) -> float:
+def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int | None = None) -> float:
     """Minus the objective at KL weight 1 on ``x``, in nats per image."""
     total = 0.0
+    batch_size = batch_size or model.score_rows
     with pyro.validation_enabled(False), own_parameters():  # the model was checked on its first training step
         for i in range(0, x.shape[0], batch_size):
             total += objective.loss(model.model, model.guide, x[i : i + batch_size])
@@ -206,17 +219,21 @@ FULL_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, 
 @dataclass(frozen=True)
 class DataInfo:
     """The data a run trains on, as config.json records them: the dataset's name, values
-    per item, binarization and image shape (C, H, W), None for vectors. The model is built
-    for this shape, and a dataset that no longer has it is refused."""
+    per item, binarization and image shape (C, H, W), None for vectors; for text, the kind
+    and the vocabulary (its words by id: saved with the run). The model is built for this
+    shape, and a dataset that no longer has it is refused."""
 
     name: str
     x_dim: int
     binarize: str | None
     image_shape: tuple[int, ...] | None = None
+    kind: str = "image"
+    vocab: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, data: Dataset) -> DataInfo:
-        return cls(data.name, data.x_dim, data.binarize, tuple(data.image_shape) if data.image_shape else None)
+        return cls(data.name, data.x_dim, data.binarize, tuple(data.image_shape) if data.image_shape else None,
+                   data.kind, data.vocab)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -224,8 +241,11 @@ class DataInfo:
         return self.image_shape or (self.x_dim,)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "x_dim": self.x_dim, "binarize": self.binarize,
-                "image_shape": list(self.image_shape) if self.image_shape else None}
+        record = {"name": self.name, "x_dim": self.x_dim, "binarize": self.binarize,
+                  "image_shape": list(self.image_shape) if self.image_shape else None}
+        if self.kind != "image":  # the records of image runs stay as they were
+            record.update(kind=self.kind, vocab=list(self.vocab) if self.vocab is not None else None)
+        return record
 
 
 @dataclass(frozen=True)
@@ -259,7 +279,8 @@ class RunConfig:
         family = config_from_dict(model_class(config["model"]).Config, config["model_config"], where)
         data = config["data"]
         info = DataInfo(data.get("name", ""), data["x_dim"], data.get("binarize"),
-                        tuple(data["image_shape"]) if data.get("image_shape") else None)
+                        tuple(data["image_shape"]) if data.get("image_shape") else None,
+                        data.get("kind", "image"), tuple(data["vocab"]) if data.get("vocab") is not None else None)
         return cls(config["model"], family, config_from_dict(TrainConfig, config["train"], where), info)
 
 
@@ -282,7 +303,9 @@ def resolve(name: str, model_config: Any = None, train: TrainConfig | None = Non
         objective=train.objective or objective_spec(cls.default_objective).for_guide(family.guide),
         particles=cls.default_particles if train.particles is None else train.particles,
         binarize="none" if train.binarize is None and family.likelihood != "bernoulli" else train.binarize,
-        dataset=str(Path(train.dataset).resolve()) if train.dataset.endswith((".npy", ".npz")) else train.dataset)
+        dataset=str(Path(train.dataset).resolve())
+        if train.dataset not in DATASETS and (train.dataset.endswith((".npy", ".npz")) or is_text_source(train.dataset))
+        else train.dataset)
     train.check()
     if train.objective not in cls.objectives:
         spec = objective_spec(train.objective)
@@ -673,7 +696,7 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
 def _elbo_terms(model: Family, x: torch.Tensor) -> dict[str, float]:
     """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
     draw per image (nats per image), for the curves."""
-    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=1000, max_rows=1000)
+    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=model.score_rows, max_rows=model.score_rows)
     return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
 
 

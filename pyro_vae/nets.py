@@ -349,13 +349,17 @@ class SequenceDecoder(nn.Module):
         return tuple(h.chunk(2, -1)) if self.cell == "lstm" else h
 
     def step(self, inputs: torch.Tensor, z: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, Any]:
-        """Logits (N, T, vocab) of the tokens after (N, T) ``inputs`` and the state after them."""
+        """The cell's outputs (N, T, hidden) after (N, T) ``inputs``, and its state after them."""
         e = self.embed(inputs)
         if self.every_step:
             e = torch.cat([e, z.unsqueeze(1).expand(-1, e.shape[1], -1)], -1)
-        out, state = self.rnn(e, state)
-        return self.out(out), state
+        return self.rnn(e, state)
+
+    def states(self, inputs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) input ids and (N, z_dim) codes -> (N, T, hidden) outputs, whose ``out``
+        gives the logits of each next token."""
+        return self.step(inputs, z, self.initial_state(z, inputs.shape[0]))[0]
 
     def forward(self, inputs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """(N, T) input ids and (N, z_dim) codes -> (N, T, vocab) logits."""
-        return self.step(inputs, z, self.initial_state(z, inputs.shape[0]))[0]
+        return self.out(self.states(inputs, z))

@@ -55,6 +55,8 @@ CURVES_SECONDS = 30.0
 #: when the figures are drawn (``TrainConfig.figures``)
 FIGURE_TIMES = ("every", "end", "none")
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
+KL_SCHEDULES = ("linear", "sigmoid", "cyclical")
+SIGMOID_SLOPE = 10.0  # the sigmoid warm-up runs from sigmoid(-5) to sigmoid(5) of beta
 
 Log = Callable[[str], None]
 
@@ -91,7 +93,12 @@ class TrainConfig:
                                    "5 for iwae)", at_least=1)
     alpha: float = option(0.5, "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO")
     beta: float = option(1.0, "weight of the KL term", above=0)
-    kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", at_least=0)
+    kl_warmup: float = option(0.0, "epochs of KL warm-up from 0 to beta (its shape: --kl-schedule)", at_least=0)
+    kl_schedule: str = option("linear", "the KL weight's schedule. linear: from 0 to beta over --kl-warmup epochs; "
+                              "sigmoid: a logistic curve over them (Bowman et al. 2016); cyclical: Fu et al. "
+                              "2019, --kl-cycles cycles over the run, each rising linearly from 0 to beta in its "
+                              "first half and staying at beta in the second", KL_SCHEDULES)
+    kl_cycles: int = option(4, "cycles of --kl-schedule cyclical", at_least=1)
     grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
     seed: int = option(0, "seed of the weights, the batches and the binarization", at_least=0, at_most=MAX_SEED)
     eval_size: int = option(10_000, "train and validation images scored after each epoch", at_least=1)
@@ -118,7 +125,8 @@ class TrainConfig:
                               f"got {self.lr_decay!r}", lr_decay=Flag("lr_decay"),
                               schedule=Flag("lr_schedule", "burda"))
         if self.objective is not None:
-            objective_spec(self.objective).check(self.alpha, self.beta, self.kl_warmup)
+            annealed = self.kl_warmup if self.kl_schedule != "cyclical" else 1.0
+            objective_spec(self.objective).check(self.alpha, self.beta, annealed)
 
 
 @dataclass
@@ -538,9 +546,26 @@ class Session:
         )
 
     def kl_weight(self, step: int) -> float:
-        """beta, reached linearly over the first ``kl_warmup`` epochs."""
-        warmup_steps = self.train.kl_warmup * self.steps_per_epoch
-        return self.train.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else self.train.beta
+        """The KL weight of 0-based ``step`` under ``kl_schedule`` (see ``TrainConfig``)."""
+        return kl_weight(self.train, step, self.steps_per_epoch)
+
+
+def kl_weight(train: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """beta, reached over the first ``kl_warmup`` epochs linearly or along a sigmoid, or
+    Fu et al.'s cyclical schedule: ``kl_cycles`` equal cycles over all the run's steps,
+    each rising linearly from 0 (at its first step) to beta half-way and then flat."""
+    beta = train.beta
+    if train.kl_schedule == "cyclical":
+        period = train.epochs * steps_per_epoch / train.kl_cycles
+        return beta * min(1.0, (step % period) / (period / 2))
+    warmup_steps = train.kl_warmup * steps_per_epoch
+    if not warmup_steps:
+        return beta
+    if train.kl_schedule == "sigmoid":
+        if step + 1 >= warmup_steps:
+            return beta
+        return beta / (1 + math.exp(-SIGMOID_SLOPE * ((step + 1) / warmup_steps - 0.5)))
+    return beta * min(1.0, (step + 1) / warmup_steps)
 
 
 def _check_shares(world: World, batch_size: int) -> None:

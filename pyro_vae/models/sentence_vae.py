@@ -34,6 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import kl_divergence
 
 from ..config import option
@@ -56,6 +57,44 @@ class CategoricalSequence:
 
     name = "categorical"
     discrete = True
+
+
+class MaskedTokens(TorchDistribution):
+    """p(w | states): at each position where ``mask`` holds, a categorical over the
+    vocabulary with logits ``out(states)``; the positions outside the mask (the padding)
+    contribute nothing. Batch shape ``states.shape[:-2]``, event shape (T,).
+
+    The output layer runs only at the masked-in positions: a batch of short sentences
+    padded to a long one costs what its tokens cost. ``log_prob`` equals the sum over the
+    real tokens of ``Categorical(logits=out(states)).log_prob(w)`` (tested)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, states: torch.Tensor, out: torch.nn.Linear, mask: torch.Tensor,
+                 validate_args: bool | None = None):
+        self.states, self.out, self.mask = states, out, mask
+        batch_shape = torch.broadcast_shapes(states.shape[:-2], mask.shape[:-1])
+        super().__init__(batch_shape, states.shape[-2:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.integer_interval(0, self.out.out_features - 1), 1)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> MaskedTokens:
+        batch_shape = torch.Size(batch_shape)
+        states = self.states.expand(*batch_shape, *self.states.shape[-2:])
+        return MaskedTokens(states, self.out, self.mask, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(self.batch_shape + self.event_shape, value.shape, self.mask.shape)
+        mask = self.mask.expand(shape)
+        states = self.states.expand(*shape, self.states.shape[-1])[mask]
+        picked = value.expand(shape)[mask].unsqueeze(-1)
+        token_lp = torch.log_softmax(self.out(states), -1).gather(-1, picked).squeeze(-1)
+        return torch.zeros(shape, dtype=token_lp.dtype, device=token_lp.device).masked_scatter(mask, token_lp).sum(-1)
+
+    def sample(self, sample_shape: Any = torch.Size()) -> torch.Tensor:
+        raise NotImplementedError("sentences are drawn token by token: RNNLM.generate")
 
 
 @dataclass
@@ -163,24 +202,24 @@ class RNNLM(Family):
             inputs = torch.where(drop, torch.full_like(inputs, UNK), inputs)
         return inputs
 
-    def logits(self, inputs: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        """(…, N, T, vocab) logits for (N, T) inputs and codes z of shape (…, N, z_dim)."""
+    def states(self, inputs: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """(…, N, T, hidden) decoder states for (N, T) inputs and codes z of shape (…, N, z_dim)."""
         if z is None:
-            return self.decoder(inputs)
+            return self.decoder.states(inputs)
         lead = z.shape[:-1]
         flat = inputs.expand(*lead, *inputs.shape[-1:]).reshape(-1, inputs.shape[-1])
-        out = self.decoder(flat, z.reshape(-1, z.shape[-1]))
+        out = self.decoder.states(flat, z.reshape(-1, z.shape[-1]))
         return out.reshape(*lead, *out.shape[-2:])
 
-    def tokens(self, logits: torch.Tensor, x: torch.Tensor) -> dist.Distribution:
+    def tokens(self, states: torch.Tensor, x: torch.Tensor) -> dist.Distribution:
         """p(w | .): one categorical per position, masked at the padding of ``x``."""
-        return dist.Categorical(logits=logits).mask(x != PAD).to_event(1)
+        return MaskedTokens(states, self.decoder.out, x != PAD)
 
     def model(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """The language model; ``x`` is an (N, W) batch of padded token ids."""
         inputs = self.decoder_inputs(x)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("x", self.tokens(self.logits(inputs, None), x), obs=x)
+            pyro.sample("x", self.tokens(self.states(inputs, None), x), obs=x)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """Nothing to infer."""
@@ -202,8 +241,8 @@ class RNNLM(Family):
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(max_tokens):
             fed = torch.full_like(token, UNK) if self.config.word_dropout >= 1 else token
-            logits, state = self.decoder.step(fed, z, state)
-            logits = logits[:, -1] / temperature
+            out_t, state = self.decoder.step(fed, z, state)
+            logits = self.decoder.out(out_t[:, -1]) / temperature
             token = (dist.Categorical(logits=logits).sample() if draw else logits.argmax(-1)).unsqueeze(1)
             out[:, t] = torch.where(done, torch.full_like(token[:, 0], PAD), token[:, 0])
             done |= token[:, 0] == EOS
@@ -255,7 +294,7 @@ class SentenceVAE(RNNLM):
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior(x.shape[0]))
-            pyro.sample("x", self.tokens(self.logits(inputs, z), x), obs=x)
+            pyro.sample("x", self.tokens(self.states(inputs, z), x), obs=x)
 
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> None:
         """q(z | w) from the RNN reader."""

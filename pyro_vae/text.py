@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,3 +194,41 @@ def text_splits(sentences: dict[str, list[list[str]]], vocab_size: int | None, m
                             max_length=Flag("max_length"))
     vocab = Vocabulary.build(kept["train"], vocab_size, min_count)
     return {name: encode_split(s, vocab) for name, s in kept.items()}, vocab, "; ".join(notes)
+
+
+# --- read-outs for people -------------------------------------------------------------------
+
+HOMOTOPY_STEPS = 5
+
+
+def sample_lines(model: Any, vocab: Vocabulary, n: int) -> list[str]:
+    """``n`` sentences from the model with greedy decoding, then ``n`` with sampled
+    decoding (each from its own draws of the prior, for a model with a code)."""
+    lines = ["# greedy decoding"] + [vocab.decode(r) for r in model.sample(n).tolist()]
+    return lines + ["# sampled decoding"] + [vocab.decode(r) for r in model.sample(n, draw=True).tolist()]
+
+
+def reconstruction_lines(model: Any, vocab: Vocabulary, x: torch.Tensor, samples: int = 3) -> list[str]:
+    """For each sentence of ``x`` (Bowman et al.'s Table 7): the input, the greedy decode
+    of its posterior mean and of ``samples`` draws from q(z | w); then (Table 8) the
+    greedy decodes along the line between the posterior means of the first two inputs."""
+    lines = []
+    draws = [model.reconstruct(x, draw=True).tolist() for _ in range(samples)]
+    for i, (row, mean) in enumerate(zip(x.tolist(), model.reconstruct(x).tolist())):
+        lines += [f"input:  {vocab.decode(row)}", f"mean:   {vocab.decode(mean)}"]
+        lines += [f"sample: {vocab.decode(d[i])}" for d in draws]
+        lines.append("")
+    if x.shape[0] >= 2:
+        lines.append(f"# homotopy from the first input to the second, {HOMOTOPY_STEPS} steps")
+        lines += [vocab.decode(r) for r in model.homotopy(x[:1], x[1:2], HOMOTOPY_STEPS).tolist()]
+    return lines
+
+
+def encode_text(sentences: Sequence[str], vocab: Vocabulary) -> tuple[torch.Tensor, list[str]]:
+    """Sentences typed by a user as padded ids, and the words among them that read as
+    ``<unk>``; an empty sentence is refused."""
+    words = [tokenize(s) for s in sentences]
+    if any(not w for w in words):
+        raise DataError("a --text sentence is empty")
+    unknown = [w for s in words for w in vocab.unknown(s)]
+    return encode_split(words, vocab), unknown

@@ -255,10 +255,13 @@ class RNNLM(Family):
         """``n`` sentences from the model (ids): greedy decoding, or sampled if ``draw``."""
         return self.generate(None, n, draw)
 
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Without a code, the language model's greedy sentence, once per input."""
-        return self.generate(None, x.shape[0])
+    def reconstruct(self, x: torch.Tensor, draw: bool = False) -> torch.Tensor:
+        """A language model has no code to reconstruct from: refused in one line."""
+        raise ConfigError("an rnnlm has no code z to reconstruct a sentence from; sample from it instead")
+
+    def homotopy(self, a: torch.Tensor, b: torch.Tensor, steps: int = 5) -> torch.Tensor:
+        """Refused, as ``reconstruct`` is."""
+        return self.reconstruct(a)
 
 
 class SentenceVAE(RNNLM):

@@ -87,7 +87,7 @@ class Vocabulary:
                 break
             if i not in (PAD, BOS):
                 out.append(self.words[i])
-        return " ".join(out)
+        return " ".join(out) or "(empty: <eos> first)"
 
 
 def encode_split(sentences: Sequence[Sequence[str]], vocab: Vocabulary) -> torch.Tensor:

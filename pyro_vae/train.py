@@ -81,6 +81,9 @@ class TrainConfig:
                             "others read as <unk>", at_least=1)
     max_length: int = option(DEFAULT_MAX_LENGTH, "text: sentences of more words than this are left out of every "
                              "split (how many is said when the data load)", at_least=1)
+    train_size: int | None = option(None, "train on this many items of the training split, drawn at random with "
+                                    "--seed (default: all); a text corpus's vocabulary is still the whole "
+                                    "split's", at_least=1)
     epochs: int = option(100, "passes over the training split", at_least=1)
     batch_size: int = option(100, "images per step", at_least=1)
     lr: float = option(1e-3, "Adam's learning rate", above=0)
@@ -111,9 +114,18 @@ class TrainConfig:
                            "saying why, where it cannot apply)")
 
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
-        """The dataset this config trains on, binarized and split as it says."""
-        return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
+        """The dataset this config trains on, binarized and split as it says (and its
+        training split cut to ``train_size`` items)."""
+        data = load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
                             self.layout, self.vocab_size, self.min_count, self.max_length)
+        if self.train_size is not None:
+            rows = random_rows(len(data.splits["train"]), self.train_size, self.seed).sort().values
+            data.splits["train"] = data.splits["train"][rows]
+            if "train" in data.labels:
+                data.labels["train"] = data.labels["train"][rows]
+            data.note = "; ".join(n for n in (data.note, f"training on {len(rows)} items of the training split "
+                                              f"(--train-size {self.train_size})") if n)
+        return data
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name in the message: the

@@ -293,8 +293,9 @@ def test_a_text_run_evaluates_samples_reconstructs_and_encodes(corpus, tmp_path)
     result = invoke("sample", run, "-n", 4, "--device", "cpu")
     assert result.exit_code == 0, result.output
     written = (run / "samples.txt").read_text().splitlines()
-    assert written and all(w in WORDS + ["<unk>"] for line in written if not line.startswith("#")
-                           for w in line.split())
+    assert len(written) == 10 and written[0] == "# greedy decoding" and written[5] == "# sampled decoding"
+    assert all(w in WORDS + ["<unk>"] for line in written if not line.startswith(("#", "(empty"))
+               for w in line.split())
     result = invoke("reconstruct", run, "-n", 2, "--split", "valid", "--device", "cpu",
                     "--text", "the cat sat on a zebra", "--text", "a big dog ran")
     assert result.exit_code == 0, result.output
@@ -322,3 +323,15 @@ def test_a_text_run_resumes_exactly_after_an_interruption_mid_epoch(corpus, tmp_
     assert strip(resumed.history) == strip(full.history)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_train_size_takes_seeded_training_rows_and_keeps_the_vocabulary(corpus):
+    full = TrainConfig(dataset=str(corpus)).load_data()
+    part = TrainConfig(dataset=str(corpus), train_size=20).load_data()
+    assert part.vocab == full.vocab and len(part.splits["train"]) == 20
+    assert torch.equal(part.splits["valid"], full.splits["valid"])
+    rows = {tuple(r) for r in full.splits["train"][:, :part.splits["train"].shape[1]].tolist()}
+    assert all(tuple(r) in rows for r in part.splits["train"].tolist())
+    assert torch.equal(TrainConfig(dataset=str(corpus), train_size=20).load_data().splits["train"],
+                       part.splits["train"])
+    assert "--train-size 20" in part.note

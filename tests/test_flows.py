@@ -214,7 +214,8 @@ def test_a_flow_closes_most_of_the_diagonal_gap_on_a_correlated_posterior(guide,
     assert gaps[guide] < 0.3 * best_diagonal_gap, gaps
 
 
-FAMILY_GUIDES = [(family, guide) for family in sorted(MODELS) for guide in FLOWS]
+FAMILY_GUIDES = [(family, guide) for family in sorted(MODELS) for guide in FLOWS
+                 if MODELS[family].data_kind == "image"]  # the text families have the diagonal guide only
 
 
 @pytest.mark.parametrize("family,guide", FAMILY_GUIDES)

@@ -20,7 +20,7 @@ from pyro_vae.models.base import Family
 from pyro_vae.pair import ParameterStoreClash, PairFunction
 from pyro_vae.train import make_optimizer
 
-from helpers import FAMILY, NETS, REPO, SHAPE, labelled_npz
+from helpers import FAMILY, NETS, REPO, SHAPE, TEXT_FAMILY, labelled_npz
 
 LR = 1e-2
 STEPS = 4
@@ -32,8 +32,22 @@ def data(tmp_path_factory):
     return load_dataset(str(labelled_npz(tmp_path_factory.mktemp("data"))), valid_fraction=0.1)
 
 
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    words = "the cat dog sat on a mat ran".split()
+    rng = torch.Generator().manual_seed(0)
+    path.write_text("\n".join(" ".join(words[i] for i in torch.randint(0, 8, (int(n),), generator=rng))
+                              for n in torch.randint(1, 7, (100,), generator=rng)))
+    return load_dataset(str(path))
+
+
 def initialised(name: str, data) -> Family:
     torch.manual_seed(0)
+    if MODELS[name].data_kind == "text":
+        model = build_model(name, data.x_dim, TEXT_FAMILY[name])
+        model.init_from_data(data, seed=0)
+        return model
     model = build_model(name, SHAPE, {**NETS, **FAMILY.get(name, {})})
     model.init_from_data(data, seed=0)
     return model
@@ -70,7 +84,8 @@ def train_elbo_module(model: Family, objective, batches) -> None:
 
 
 @pytest.mark.parametrize("name,objective", CASES)
-def test_svi_elbo_module_and_our_loop_give_the_same_training(name, objective, data):
+def test_svi_elbo_module_and_our_loop_give_the_same_training(name, objective, data, text_data):
+    data = text_data if MODELS[name].data_kind == "text" else data
     start = initialised(name, data)
     batches = list(start.training_batches(data, 20, epoch=0, seed=0, device="cpu"))[:STEPS]
     trained = []
@@ -239,7 +254,7 @@ def test_importing_and_using_the_package_leaves_a_users_pyro_code_as_it_was(tmp_
     assert all(state == first for state in later)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [name for name, cls in MODELS.items() if cls.data_kind == "image"])
 def test_images_off_the_likelihoods_support_are_refused_in_one_line_from_svi(name, data):
     from pyro_vae.errors import DataError
 

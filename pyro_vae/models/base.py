@@ -23,7 +23,15 @@ vectors) from its config dataclass. It declares:
   prior / guide ratio out of the per-datapoint weights (``bounds``);
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the semi-supervised families override the batches and the pair's arguments,
-  the GMVAE the figures).
+  the GMVAE the figures);
+- the kind of data it models (``data_kind``, one of ``data.KINDS``): ``check_data``
+  refuses a dataset of another kind in one line. Image families take (N, D) batches of
+  values in [0, 1]; the text families (``sentence_vae.py``) take (N, W) batches of padded
+  token ids, their lengths read off the padding, with the likelihood masked there. A
+  family of a new kind overrides ``check_data``, ``init_from_data`` and
+  ``training_batches`` for it, and ``add_units`` (what the evaluator reports beside nats
+  per item: bits per dimension by default, perplexity for text). ``score_rows`` says how
+  many items the loop's per-epoch scores put through the networks at once.
 
 The networks, the likelihood and the guide come from their registries (``nets.ENCODERS``,
 ``nets.DECODERS``, ``likelihoods.LIKELIHOODS``, ``guides.GUIDES``) by the names in
@@ -45,7 +53,8 @@ from pyro.nn import PyroModule
 
 from ..config import check_fields, option
 from ..data import Dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, Flag
+from ..metrics import add_bits_per_dim
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
@@ -83,6 +92,8 @@ class Family(PyroModule):
     has_classes: ClassVar[bool] = False  # a class label y: sample_by_class, classifier metrics
     enumerates_in_guide: ClassVar[bool] = False  # a discrete site summed out in the guide
     pair_methods: ClassVar[tuple[str, ...]] = ("model", "guide")  # run as PairFunctions (pair.py)
+    data_kind: ClassVar[str] = "image"  # the kind of dataset it models (data.KINDS)
+    score_rows: ClassVar[int] = 1000  # items per pass of the loop's per-epoch scores
 
     likelihood: Likelihood
     decoder: torch.nn.Module
@@ -167,10 +178,18 @@ class Family(PyroModule):
 
     # --- hooks of the training loop ------------------------------------------------------
 
+    def check_kind(self, data: Dataset) -> None:
+        """Refuse, in one line, a dataset of another kind than the family's."""
+        if data.kind != self.data_kind:
+            raise ConfigError(f"{data.name} is {data.kind} data, but {type(self).__name__} models {self.data_kind} "
+                              "data; choose a family for it (pyro-vae fit --help lists them) or another {dataset}",
+                              dataset=Flag("dataset"))
+
     def check_data(self, data: Dataset, seed: int) -> None:
         """Refuse data this family cannot train on, before the run directory is made: the
-        data's shape must be the model's, and what the decoder sees must lie in the
-        likelihood's support."""
+        data's kind and shape must be the model's, and what the decoder sees must lie in
+        the likelihood's support."""
+        self.check_kind(data)
         if data.x_dim != self.x_dim:
             raise ConfigError(f"{data.name} has {data.x_dim} values per item; this model was built for {self.x_dim}")
         if data.binarize == "none":
@@ -213,6 +232,12 @@ class Family(PyroModule):
         """The differentiable loss of one step, summed over the batch."""
         args, kwargs = self.pair_arguments(batch)
         return objective.differentiable_loss(self.model, self.guide, *args, kl_weight=kl_weight, **kwargs)
+
+    def add_units(self, summary: dict[str, Any], x: torch.Tensor) -> None:
+        """Add to the evaluator's ``summary`` of ``x`` its bounds in the units of this
+        family's data: bits per dimension for likelihoods of discrete values."""
+        if self.likelihood.discrete:
+            add_bits_per_dim(summary, x.shape[1])
 
     def metrics(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         """Scores beyond the bounds (e.g. a classifier's accuracy), logged per epoch on

@@ -14,7 +14,7 @@ from pyro_vae import MODELS, TrainConfig, build_model, estimate_bounds, fit, loa
 from pyro_vae.compiled import Compiled, CompiledLoss, traceable_pyro
 from pyro_vae.models.vae import VAE
 
-from helpers import FAMILY, NETS, invoke, toy_images
+from helpers import NETS, family_config, invoke, toy_images
 
 CASES = [(family, objective, "mlp", "diagonal") for family in sorted(MODELS)
          for objective in MODELS[family].objectives if objective != "dreg"]
@@ -23,8 +23,8 @@ CASES += [("vae", "meanfield", "conv", "diagonal"), ("gmvae", "enum", "conv", "d
 
 
 def family(name, net="mlp", guide="diagonal", **extra):
-    return build_model(name, (1, 8, 8), {**NETS, **FAMILY.get(name, {}), "encoder": net, "decoder": net,
-                                         "guide": guide, "flow_length": 2, **extra})
+    nets = {"encoder": net, "decoder": net, "guide": guide, "flow_length": 2}
+    return build_model(name, (1, 8, 8), {**family_config(name, **nets), **extra})
 
 
 def batches(model, n=3, size=12, seed=0):

@@ -20,7 +20,7 @@ from pyro_vae.models.base import Family
 from pyro_vae.pair import ParameterStoreClash, PairFunction
 from pyro_vae.train import make_optimizer
 
-from helpers import FAMILY, NETS, REPO, SHAPE, labelled_npz
+from helpers import REPO, SHAPE, family_config, labelled_npz
 
 LR = 1e-2
 STEPS = 4
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 def initialised(name: str, data) -> Family:
     torch.manual_seed(0)
-    model = build_model(name, SHAPE, {**NETS, **FAMILY.get(name, {})})
+    model = build_model(name, SHAPE, family_config(name))
     model.init_from_data(data, seed=0)
     return model
 

@@ -205,7 +205,8 @@ PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective
 SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8},
                  "adgm": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "a_dim": 2},
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
-                          "m1_hidden": (16,), "m1_epochs": 2}}
+                          "m1_hidden": (16,), "m1_epochs": 2},
+                 "draw": {"steps": 2, "hidden": 16, "z_dim": 2, "read_size": 2, "write_size": 3}}
 
 
 @pytest.mark.parametrize("model_name,objective", PAIRS)

@@ -330,3 +330,16 @@ def test_fit_evaluate_and_figures_from_the_command_line_and_an_exact_resume(tiny
     a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ais_moves_every_step_s_latent_and_at_one_distribution_is_the_evaluators_iwae():
+    """AIS takes the T sites as one state; with one distribution it is importance sampling
+    from the guide with the evaluator's keys, and longer runs stay finite."""
+    from pyro_vae.ais import ais
+
+    model, x = tiny("filterbank"), tiny_batch(n=3)
+    est = ais(model.model, model.guide, x, 1, chains=12, seed=7)
+    bounds = estimate_bounds(model.model, model.guide, x, 12, seed=7)
+    torch.testing.assert_close(est.log_px, bounds.log_px.double(), atol=1e-5, rtol=0)
+    longer = ais(model.model, model.guide, x, 4, chains=3, leapfrog=2, seed=7)
+    assert torch.isfinite(longer.log_px).all() and (longer.acceptance > 0).all()

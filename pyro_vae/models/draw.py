@@ -123,12 +123,23 @@ class Attention(nn.Module):
     """An N x N filterbank placed by a linear map of h^dec: (g~_X, g~_Y, log sigma^2,
     log delta~, log gamma) -> g_X = (W + 1)(g~_X + 1)/2, g_Y = (H + 1)(g~_Y + 1)/2,
     delta = (max(H, W) - 1) / (N - 1) delta~ (N = 1: delta~, one filter has no stride).
-    ``read`` applies it to images, ``write`` transposes it onto the canvas."""
+    ``read`` applies it to images, ``write`` transposes it onto the canvas.
+
+    The grid starts over the middle half of the image (delta~ = 1/2) with filters whose
+    standard deviation is half the stride: with delta~ = 1 and sigma = 1 a 2 x 2 read
+    would sit on the four corner pixels, which are blank in MNIST, and carry nothing
+    about x."""
+
+    START_STRIDE = 0.5  # delta~ before training
 
     def __init__(self, hidden: int, n: int, image_shape: Shape):
         super().__init__()
         self.n, self.image_shape = n, image_shape
         self.place = nn.Linear(hidden, 5)
+        stride = (max(image_shape[1:]) - 1) / max(n - 1, 1) * self.START_STRIDE
+        with torch.no_grad():
+            self.place.bias[2] = 2 * math.log(stride / 2)
+            self.place.bias[3] = math.log(self.START_STRIDE)
 
     def window(self, h: torch.Tensor) -> Window:
         _, H, W = self.image_shape

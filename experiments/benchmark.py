@@ -1,7 +1,7 @@
 """The performance benchmark: our training steps and evaluator against hand-written plain
 PyTorch yardsticks and the machine's own matmul rate, measured side by side in one run.
 
-    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--steps-only]
+    python experiments/benchmark.py [--quick] [--device cpu|cuda] [--no-torch-compile] [--steps-only [--only TEXT]]
                                     [--end-to-end] [--out DIR]
 
 1. step: one training step (loss, backward, the loop's fused Adam) of each model/objective
@@ -123,6 +123,25 @@ def plain_ssvae_unlabelled(model: Any, x: torch.Tensor) -> torch.Tensor:
     return -((q * (elbo_y - log_q.T)).sum(0)).sum()
 
 
+def plain_draw(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Negative DRAW ELBO (Bernoulli canvas), the analytic KL of every step, one draw per
+    step: the recurrence written out over the family's modules, without Pyro."""
+    s = model.start(x.shape[0])
+    enc, kl = (s.h, s.c), 0.0
+    for _ in range(model.config.steps):
+        enc = model.encoder(torch.cat([model.read(x, x - torch.sigmoid(s.canvas), s.h), s.h], -1), enc)
+        loc, scale = model.q_loc(enc[0]), F.softplus(model.q_scale(enc[0])) + 1e-6
+        z = loc + scale * torch.randn_like(loc)
+        kl = kl + 0.5 * (loc ** 2 + scale ** 2 - 1).sum(-1) - scale.log().sum(-1)
+        h, c = model.decoder(z, (s.h, s.c))
+        s = type(s)(h, c, s.canvas + model.write(h))
+    return -(_bernoulli_log_lik(s.canvas, x) - kl).sum()
+
+
+#: the DRAW of the binarized-MNIST runs (experiments/draw_budget.sh): T = 10, LSTMs of 128, z of 10
+DRAW_SIZES = {"steps": 10, "hidden": 128, "z_dim": 10}
+
+
 def step_pairs(quick: bool) -> list[dict[str, Any]]:
     """(label, model, our objective, plain loss) for the step benchmark."""
     pairs = []
@@ -136,7 +155,11 @@ def step_pairs(quick: bool) -> list[dict[str, Any]]:
                   "plain": plain_gmvae})
     pairs.append({"name": "SSVAE unlabelled, y enumerated", "model": ("ssvae", {}), "objective": ("enum", 1),
                   "plain": plain_ssvae_unlabelled})
-    return pairs[:1] + pairs[4:] if quick else pairs
+    for attention in ("none", "filterbank"):
+        pairs.append({"name": f"DRAW {attention}, T=10 LSTM 128 z 10",
+                      "model": ("draw", {**DRAW_SIZES, "attention": attention}), "shape": (1, 28, 28),
+                      "objective": ("meanfield", 1), "plain": plain_draw})
+    return pairs[:1] + pairs[4:6] if quick else pairs
 
 
 def _sync_for(device: torch.device) -> Callable[[], None]:
@@ -173,16 +196,17 @@ def _torch_compiled(loss: Callable[[], torch.Tensor]) -> tuple[Callable[[], torc
 
 
 def bench_steps(device: torch.device, rounds: int, steps: int, quick: bool, echo: Callable[[str], None],
-                torch_compile: bool = True) -> list[dict]:
+                torch_compile: bool = True, only: str | None = None) -> list[dict]:
     """Median step time of ours (eager and compiled) and of the plain step (eager and
-    through torch.compile) for every pair, interleaved rounds."""
+    through torch.compile) for every pair (those whose name contains ``only``, if given),
+    interleaved rounds."""
     sync = _sync_for(device)
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((100, 784), 0.2, device=device))
     entries = []
-    for pair in step_pairs(quick):
+    for pair in [p for p in step_pairs(quick) if only is None or only in p["name"]]:
         name, config = pair["model"]
-        ours = build_model(name, 784, config).to(device)
+        ours = build_model(name, pair.get("shape", 784), config).to(device)
         traced, plain, plain_c, with_svi = (copy.deepcopy(ours) for _ in range(4))
         objective = make_objective(*pair["objective"])
         compiled = Compiled(traced, "step")
@@ -671,6 +695,7 @@ def load_markdown(result: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("experiments/results/benchmark"),
               show_default=True)
 @click.option("--steps-only", is_flag=True, help="only the step benchmark (no evaluation, no epoch)")
+@click.option("--only", default=None, help="with --steps-only: only the step pairs whose name contains this text")
 @click.option("--end-to-end", "end_to_end_only", is_flag=True,
               help="only the end-to-end epochs (fit, resume, the plain loop), into end-to-end.json and .md")
 @click.option("--load", type=click.IntRange(min=1), default=None,
@@ -683,7 +708,8 @@ def load_markdown(result: dict[str, Any]) -> str:
 @click.option("--probe-images", type=int, default=200, hidden=True)
 def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torch_compile: bool | None,
          data_dir: str | None, out: Path, steps_only: bool, end_to_end_only: bool, load: int | None,
-         load_seconds: float, policy_probe: str | None, memory_probe: int | None, probe_images: int) -> None:
+         load_seconds: float, policy_probe: str | None, memory_probe: int | None, probe_images: int,
+         only: str | None = None) -> None:
     dev = torch.device(device)
     if memory_probe is not None:
         _memory_probe(memory_probe, probe_images, dev)
@@ -720,7 +746,7 @@ def main(quick: bool, device: str, rounds: int, steps: int, particles: int, torc
     if quick:
         rounds, steps = 1, 2
     results["step"] = bench_steps(dev, rounds, steps, quick, click.echo,
-                                  not quick if torch_compile is None else torch_compile)
+                                  not quick if torch_compile is None else torch_compile, only if steps_only else None)
     if steps_only:
         pass
     elif quick:

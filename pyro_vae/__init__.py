@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # the names for type checkers and readers; at run time __geta
     from .errors import PyroVAEError
     from .guides import GUIDES, make_flow
     from .likelihoods import LIKELIHOODS, make_likelihood
-    from .models import (ADGM, GMVAE, IWAE, M1M2, MODELS, SBN, SSVAE, VAE, Family, GMVAEConfig, NetsConfig, SSVAEConfig,
-                         VAEConfig, ADGMConfig, M1M2Config, SBNConfig, build_model)
+    from .models import (ADGM, DRAW, GMVAE, IWAE, M1M2, MODELS, SBN, SSVAE, VAE, Family, GMVAEConfig, NetsConfig,
+                         SSVAEConfig, VAEConfig, ADGMConfig, DRAWConfig, M1M2Config, SBNConfig, build_model)
     from .nets import DECODERS, ENCODERS
     from .pair import own_parameters
     from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, WakeSleepObjective, make_objective
@@ -40,8 +40,8 @@ _MODULES = {
     "LIKELIHOODS": "likelihoods", "make_likelihood": "likelihoods", "ADGM": "models", "GMVAE": "models",
     "IWAE": "models", "M1M2": "models", "MODELS": "models", "SSVAE": "models", "VAE": "models", "Family": "models",
     "GMVAEConfig": "models", "NetsConfig": "models", "SSVAEConfig": "models", "VAEConfig": "models",
-    "ADGMConfig": "models", "M1M2Config": "models", "SBN": "models", "SBNConfig": "models", "build_model": "models",
-    "DECODERS": "nets", "ENCODERS": "nets",
+    "ADGMConfig": "models", "DRAW": "models", "DRAWConfig": "models", "M1M2Config": "models", "SBN": "models",
+    "SBNConfig": "models", "build_model": "models", "DECODERS": "nets", "ENCODERS": "nets",
     "own_parameters": "pair", "OBJECTIVES": "objectives", "ObjectiveSpec": "objectives",
     "RenyiObjective": "objectives", "WakeSleepObjective": "objectives", "make_objective": "objectives",
     "Run": "train", "RunConfig": "train",

@@ -264,3 +264,50 @@ def posterior_pictures(model: Any, x: torch.Tensor, image_shape: Sequence[int], 
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+#: the most canvas steps a row of ``canvas_sequence`` shows (evenly spaced, the last included)
+CANVAS_COLUMNS = 16
+BOX_COLOURS = {"write": "tab:red", "read": "tab:green"}
+
+
+def canvas_steps(steps: int, columns: int = CANVAS_COLUMNS) -> list[int]:
+    """Which of the steps 0..steps-1 a row shows: all of them, or ``columns`` evenly
+    spaced ones ending with the last."""
+    if steps <= columns:
+        return list(range(steps))
+    return sorted({round(i * (steps - 1) / (columns - 1)) for i in range(columns)})
+
+
+def canvas_sequence(images: torch.Tensor, image_shape: Sequence[int], boxes: dict[str, list[torch.Tensor]] | None,
+                    path: Path, title: str = "") -> Path:
+    """One row per image, one column per drawing step: ``images`` is (n, T, C*H*W) with
+    values in [0, 1] (the canvas after each step). ``boxes`` maps a name (write, read) to
+    T tensors (n, 4) of rectangles x0, y0, x1, y1 in pixel coordinates of one image,
+    drawn on each step's picture."""
+    n, steps = images.shape[:2]
+    shown = canvas_steps(steps)
+    grid = mosaic(images[:, shown].reshape(n * len(shown), -1), image_shape, len(shown))
+    _, h, w = as_chw(image_shape)
+    fig = Figure(figsize=(grid.shape[1] / 25 + 0.5, grid.shape[0] / 25 + 0.9))
+    ax = fig.add_subplot()
+    _show(ax, grid)
+    from matplotlib.patches import Rectangle
+
+    for name, per_step in (boxes or {}).items():
+        for col, t in enumerate(shown):
+            # a window reaching past its image is drawn up to the image's edge
+            edges = per_step[t].detach().cpu().clamp(min=-0.5)
+            edges = torch.minimum(edges, torch.tensor([w, h, w, h]) - 0.5)
+            for row, (x0, y0, x1, y1) in enumerate(edges.tolist()):
+                ox, oy = col * (w + 1), row * (h + 1)
+                ax.add_patch(Rectangle((ox + x0, oy + y0), x1 - x0, y1 - y0, fill=False, lw=0.8,
+                                       edgecolor=BOX_COLOURS.get(name, "tab:blue"), clip_on=True))
+    ax.set_xlim(-0.5, grid.shape[1] - 0.5)
+    ax.set_ylim(grid.shape[0] - 0.5, -0.5)
+    ax.set_xticks([c * (w + 1) + w / 2 for c in range(len(shown))], [str(t + 1) for t in shown], fontsize=6)
+    ax.set_yticks([])
+    ax.set_xlabel("step t", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

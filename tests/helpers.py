@@ -98,14 +98,35 @@ FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
           "adgm": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "a_dim": 3},
           # the network, likelihood and guide options describe M1 (untrained here, and frozen)
           "m1m2": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "m1_z_dim": 4, "m1_hidden": (24,)}}
+#: families that take no network options (encoder, decoder, hidden layers, activation, guide): their
+#: small config in place of NETS
+OWN_CONFIGS = {"draw": {"steps": 2, "hidden": 8, "z_dim": 3, "read_size": 2, "write_size": 3}}
+
+
+def family_config(name: str, **nets) -> dict:
+    """A small config of family ``name`` for the 8x8 test images: NETS, the family's own
+    settings (FAMILY) and the network options ``nets``, or its own config (OWN_CONFIGS)."""
+    if name in OWN_CONFIGS:
+        return dict(OWN_CONFIGS[name])
+    return {**NETS, **FAMILY.get(name, {}), **nets}
+
+
+def takes_option(name: str, option: str) -> bool:
+    """Whether family ``name``'s config has the field ``option`` (for tests over the flows
+    or the networks, which not every family takes)."""
+    import dataclasses
+
+    from pyro_vae import MODELS
+
+    return option in {f.name for f in dataclasses.fields(MODELS[name].Config)}
 
 
 # the text families at sizes for tests, on sentences of up to 6 words over a 12-word vocabulary
 TEXT_FAMILY = {"sentence-vae": {"embed": 8, "hidden": 12, "z_dim": 3, "word_dropout": 0.3},
                "rnnlm": {"embed": 8, "hidden": 12, "word_dropout": 0.3}}
 TEXT_VOCAB = 12
-#: the families that the generic pair tests build: from ``NETS`` (images) or ``TEXT_FAMILY``
-PAIR_FAMILIES = sorted(NET_FAMILIES + list(TEXT_FAMILY))
+#: the families that the generic pair tests build: from ``NETS`` or ``OWN_CONFIGS`` (images), or ``TEXT_FAMILY``
+PAIR_FAMILIES = sorted(NET_FAMILIES + list(OWN_CONFIGS) + list(TEXT_FAMILY))
 
 
 def toy_sentences(n: int, width: int = 7, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pyro_vae import MODELS, TrainConfig, build_model, estimate_bounds, fit, loa
 from pyro_vae.compiled import Compiled, CompiledLoss, traceable_pyro
 from pyro_vae.models.vae import VAE
 
-from helpers import FAMILY, NETS, PAIR_FAMILIES, TEXT_FAMILY, TEXT_VOCAB, invoke, toy_images, toy_sentences
+from helpers import NETS, PAIR_FAMILIES, TEXT_FAMILY, TEXT_VOCAB, family_config, invoke, toy_images, toy_sentences
 
 CASES = [(family, objective, "mlp", "diagonal") for family in PAIR_FAMILIES
          for objective in MODELS[family].objectives if objective not in ("dreg", "wake-sleep")]
@@ -25,8 +25,8 @@ CASES += [("vae", "meanfield", "conv", "diagonal"), ("gmvae", "enum", "conv", "d
 def family(name, net="mlp", guide="diagonal", **extra):
     if MODELS[name].data_kind == "text":
         return build_model(name, TEXT_VOCAB, {**TEXT_FAMILY[name], **extra})
-    return build_model(name, (1, 8, 8), {**NETS, **FAMILY.get(name, {}), "encoder": net, "decoder": net,
-                                         "guide": guide, "flow_length": 2, **extra})
+    nets = {"encoder": net, "decoder": net, "guide": guide, "flow_length": 2}
+    return build_model(name, (1, 8, 8), {**family_config(name, **nets), **extra})
 
 
 def batches(model, n=3, size=12, seed=0):

@@ -70,7 +70,7 @@ def test_benchmark_yardsticks_compute_our_losses():
     x = torch.bernoulli(torch.full((7, 784), 0.3))
     for pair in script.step_pairs(quick=False):
         name, config = pair["model"]
-        model = build_model(name, 784, config)
+        model = build_model(name, pair.get("shape", 784), config)
         objective = make_objective(*pair["objective"])
         torch.manual_seed(1)
         ours = objective.differentiable_loss(model.model, model.guide, x)

@@ -21,7 +21,7 @@ from pyro_vae.pair import ParameterStoreClash, PairFunction
 from pyro_vae.objectives import objective_spec
 from pyro_vae.train import make_optimizer
 
-from helpers import FAMILY, NET_FAMILIES, NETS, PAIR_FAMILIES, REPO, SHAPE, TEXT_FAMILY, labelled_npz
+from helpers import NET_FAMILIES, OWN_CONFIGS, PAIR_FAMILIES, REPO, SHAPE, TEXT_FAMILY, family_config, labelled_npz
 
 LR = 1e-2
 STEPS = 4
@@ -49,7 +49,7 @@ def initialised(name: str, data) -> Family:
         model = build_model(name, data.x_dim, TEXT_FAMILY[name])
         model.init_from_data(data, seed=0)
         return model
-    model = build_model(name, SHAPE, {**NETS, **FAMILY.get(name, {})})
+    model = build_model(name, SHAPE, family_config(name))
     model.init_from_data(data, seed=0)
     return model
 
@@ -256,7 +256,7 @@ def test_importing_and_using_the_package_leaves_a_users_pyro_code_as_it_was(tmp_
     assert all(state == first for state in later)
 
 
-@pytest.mark.parametrize("name", NET_FAMILIES)
+@pytest.mark.parametrize("name", NET_FAMILIES + list(OWN_CONFIGS))
 def test_images_off_the_likelihoods_support_are_refused_in_one_line_from_svi(name, data):
     from pyro_vae.errors import DataError
 

@@ -207,6 +207,7 @@ SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "l
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
                           "m1_hidden": (16,), "m1_epochs": 2},
                  "sbn": {"layers": (16,)},
+                 "draw": {"steps": 2, "hidden": 16, "z_dim": 2, "read_size": 2, "write_size": 3},
                  # the text families, on a corpus of short sentences
                  "sentence-vae": {"z_dim": 2, "embed": 8, "hidden": 16}, "rnnlm": {"embed": 8, "hidden": 16}}
 

@@ -11,7 +11,10 @@ vectors) from its config dataclass. It declares:
   what one training step passes them;
 - read-outs: ``posterior(x)`` (the guide's distribution over z), ``encode(x)`` (its
   location and scale), ``decode(z)`` (the likelihood p(x | z) as a distribution) and
-  ``decode_mean(z)`` (its mean, for pictures), ``sample``, ``reconstruct``, ``device``;
+  ``decode_mean(z)`` (its mean, for pictures), ``sample``, ``reconstruct``, ``device``.
+  A family with several latent sites says what its code z is (DRAW's: the concatenation
+  of its per-step codes); the evaluator, AIS and the objectives take any number of
+  sites inside the data plate and need none of these read-outs;
 - capability flags (``has_clusters``, ``has_classes``) that the CLI reads instead of
   probing for methods;
 - ``global_latents(config)``: whether a model of this config has latents outside the data

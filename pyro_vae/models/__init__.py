@@ -8,12 +8,13 @@ from ..config import config_from_dict
 from ..errors import ConfigError
 from .adgm import ADGM, ADGMConfig
 from .base import Family, NetsConfig
+from .gan import GAN, GANConfig
 from .gmvae import GMVAE, GMVAEConfig
 from .m1m2 import M1M2, M1M2Config
 from .ssvae import SSVAE, SSVAEConfig
 from .vae import IWAE, VAE, VAEConfig
 
-MODELS: dict[str, type[Family]] = {"vae": VAE, "iwae": IWAE, "gmvae": GMVAE, "ssvae": SSVAE, "m1m2": M1M2, "adgm": ADGM}
+MODELS: dict[str, type[Family]] = {"vae": VAE, "iwae": IWAE, "gmvae": GMVAE, "ssvae": SSVAE, "m1m2": M1M2, "adgm": ADGM, "gan": GAN}
 
 
 def model_class(name: str) -> type[Family]:
@@ -31,5 +32,5 @@ def build_model(name: str, shape: tuple[int, ...] | int, config: dict[str, Any] 
     return cls(shape, config_from_dict(cls.Config, config or {}))
 
 
-__all__ = ["ADGM", "ADGMConfig", "Family", "GMVAE", "GMVAEConfig", "IWAE", "M1M2", "M1M2Config", "MODELS", "NetsConfig", "SSVAE", "SSVAEConfig", "VAE",
+__all__ = ["ADGM", "ADGMConfig", "Family", "GAN", "GANConfig", "GMVAE", "GMVAEConfig", "IWAE", "M1M2", "M1M2Config", "MODELS", "NetsConfig", "SSVAE", "SSVAEConfig", "VAE",
            "VAEConfig", "build_model", "config_from_dict", "model_class"]

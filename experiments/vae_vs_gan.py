@@ -6,7 +6,7 @@ uniformly dequantized grey-level MNIST.
         MNIST's grey levels k in {0..255} as (k + u) / 256, u ~ U(0, 1) drawn once (seed 0):
         train / valid / test with their labels (50,000 / 10,000 / 10,000, the library's split).
     python experiments/vae_vs_gan.py score --gan RUN --vae RUN --out DIR [--images N --steps T ...]
-        sigma of the GAN's N(G(z), sigma^2 I) chosen on validation images (the one with the
+        on the VAE run's data (dequantized MNIST): sigma of the GAN's N(G(z), sigma^2 I) chosen on validation images (the one with the
         highest AIS estimate on a grid), then on N test images AIS at each T for both models
         (the VAE scored by its own Gaussian likelihood, whose one scale it learned), BDMC on
         images simulated from each, samples side by side; writes DIR/results.json,
@@ -60,7 +60,8 @@ def score(args: argparse.Namespace) -> None:
     gan, vae = load_run(args.gan), load_run(args.vae)
     results: dict = {"images": args.images, "chains": args.chains, "leapfrog": args.leapfrog, "steps": args.steps,
                      "bdmc_images": args.bdmc, "start": "prior", "gan_run": args.gan, "vae_run": args.vae}
-    valid, _, _ = split_data(gan, "valid", args.sigma_images, seed=1)
+    # the images scored are the VAE run's data, dequantized MNIST (the GAN may have trained on other data)
+    valid, _, _ = split_data(vae, "valid", args.sigma_images, seed=1)
     choice = {}
     for sigma in SIGMAS:
         gan.model.set_observation("gaussian", sigma)
@@ -75,7 +76,7 @@ def score(args: argparse.Namespace) -> None:
     gan.model.set_observation("gaussian", sigma)
     vae_sigma = float(vae.model.likelihood.scale)
     results["vae_sigma"] = vae_sigma
-    x, _, index = split_data(gan, "test", args.images, seed=0)
+    x, _, index = split_data(vae, "test", args.images, seed=0)
     rows = {}
     for name, run in (("gan", gan), ("vae", vae)):
         entry = rows[name] = {"ais": {}, "bdmc": {}}
@@ -98,7 +99,7 @@ def score(args: argparse.Namespace) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     torch.manual_seed(0)
     samples = torch.cat([gan.model.sample(50).cpu(), vae.model.sample(50).cpu()])
-    plots.image_grid(samples, (1, 28, 28), out / "samples.png", ncol=10,
+    plots.image_grid(samples, vae.data_info["image_shape"], out / "samples.png", ncol=10,
                      title="GAN samples G(z) (top five rows), VAE means (bottom five), z ~ N(0, I)")
     write_table(results, out / "table.md")
 

@@ -34,7 +34,7 @@ from pyro_vae.data import load_dataset
 from pyro_vae.evaluation import split_data
 from pyro_vae.train import load_run
 
-SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2)
+SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 
 
 def make_data(out: Path, seed: int = 0) -> None:
@@ -74,7 +74,7 @@ def score(args: argparse.Namespace) -> None:
     results["sigma_choice"] = {"images": len(valid), "steps": args.sigma_steps, "log_px": {str(k): v for k, v in choice.items()},
                                "sigma": sigma}
     gan.model.set_observation("gaussian", sigma)
-    vae_sigma = float(vae.model.likelihood.scale)
+    vae_sigma = float(vae.model.likelihood.scale.detach())
     results["vae_sigma"] = vae_sigma
     x, _, index = split_data(vae, "test", args.images, seed=0)
     rows = {}

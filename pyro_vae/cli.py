@@ -34,6 +34,8 @@ from .models.base import OBSERVATIONS
 from .metrics import cluster_accuracy
 from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
 
+#: what ``fit --resume`` may change: neither changes the weights trained
+RESUME_CHANGES = ("epochs", "eval_every")
 RUNTIME_OPTIONS = ("run_dir", "data_dir", "device", "download", "resume", "overwrite", "quiet", "backend", "threads")
 
 
@@ -190,14 +192,16 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
             if opts["overwrite"]:
                 raise ConfigError("{resume} continues a run and {overwrite} replaces it: pass one of them",
                                   resume=resume, overwrite=Flag("overwrite", True, cli="--overwrite"))
-            given = [k for k in opts if k not in RUNTIME_OPTIONS + ("epochs",)
+            given = [k for k in opts if k not in RUNTIME_OPTIONS + RESUME_CHANGES
                      and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
             if given:
                 names = {f"given{i}": Flag(g.replace(NESTED, ".")) for i, g in enumerate(given)}
-                raise ConfigError("a resumed run keeps its saved config; only {epochs} may change, not "
-                                  + ", ".join("{" + key + "}" for key in names), epochs=Flag("epochs"), **names)
-            epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = resume_run(opts["run_dir"], epochs=epochs, model_name=name, data_dir=opts["data_dir"],
+                raise ConfigError("a resumed run keeps its saved config; only {epochs} and {eval_every} may "
+                                  "change, not " + ", ".join("{" + key + "}" for key in names),
+                                  epochs=Flag("epochs"), eval_every=Flag("eval_every"), **names)
+            changes = {k: opts[k] for k in RESUME_CHANGES
+                       if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+            run = resume_run(opts["run_dir"], **changes, model_name=name, data_dir=opts["data_dir"],
                              device=opts["device"], download=opts["download"], log=log,
                              progress=not opts["quiet"] and sys.stderr.isatty())
         else:

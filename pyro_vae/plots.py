@@ -71,27 +71,30 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path,
 
 
 def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train and validation bound per epoch, in nats per image; beside them, where the
-    history has them, the validation ELBO's two terms: KL and reconstruction."""
-    terms = all("valid_kl" in row for row in history)
+    """Train and validation bound per scored epoch, in nats per image, and the training
+    objective per epoch; beside them, where the history has them, the validation ELBO's
+    two terms: KL and reconstruction."""
+    scored = [row for row in history if "valid_bound" in row]
+    terms = all("valid_kl" in row for row in scored)
     fig = Figure(figsize=(11 if terms else 6, 4))
     if terms:
         right = fig.add_subplot(1, 2, 2)
-        epochs = [row["epoch"] for row in history]
-        right.plot(epochs, [row["valid_kl"] for row in history], color="tab:red", label="KL(q(z|x) || p(z))")
+        epochs = [row["epoch"] for row in scored]
+        right.plot(epochs, [row["valid_kl"] for row in scored], color="tab:red", label="KL(q(z|x) || p(z))")
         right.set_ylabel("KL (nats per image)", color="tab:red")
         other = right.twinx()
-        other.plot(epochs, [row["valid_reconstruction"] for row in history], color="tab:blue",
+        other.plot(epochs, [row["valid_reconstruction"] for row in scored], color="tab:blue",
                    label="E_q log p(x|z)")
         other.set_ylabel("reconstruction (nats per image)", color="tab:blue")
         right.set_xlabel("epoch")
         right.set_title("validation ELBO = reconstruction - KL", fontsize=9)
         right.grid(alpha=0.3)
     ax = fig.add_subplot(1, 2, 1) if terms else fig.add_subplot()
-    epochs = [row["epoch"] for row in history]
-    ax.plot(epochs, [row["train_bound"] for row in history], label="train (fixed subset)")
-    ax.plot(epochs, [row["valid_bound"] for row in history], label="validation")
-    ax.plot(epochs, [-row["train_loss"] for row in history], ":", label="training objective")
+    epochs = [row["epoch"] for row in scored]
+    ax.plot(epochs, [row["train_bound"] for row in scored], label="train (fixed subset)")
+    ax.plot(epochs, [row["valid_bound"] for row in scored], label="validation")
+    ax.plot([row["epoch"] for row in history], [-row["train_loss"] for row in history], ":",
+            label="training objective")
     ax.set_xlabel("epoch")
     ax.set_ylabel("bound on log p(x) (nats per image)")
     ax.grid(alpha=0.3)
@@ -103,13 +106,16 @@ def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 def gan_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """A GAN's training per epoch: both players' losses and the game's value on the fixed
-    validation images, and the mean of D on real images and on G's (per image)."""
+    validation images (on the scored epochs), the training step's loss (every epoch), and
+    the mean of D on real images and on G's (per image)."""
     fig = Figure(figsize=(11, 4))
-    epochs = [row["epoch"] for row in history]
+    scored = [row for row in history if "valid_d_loss" in row]
+    epochs = [row["epoch"] for row in scored]
     ax = fig.add_subplot(1, 2, 1)
-    ax.plot(epochs, [row["valid_d_loss"] for row in history], label="discriminator loss")
-    ax.plot(epochs, [row["valid_g_loss"] for row in history], label="generator loss")
-    ax.plot(epochs, [row["train_loss"] for row in history], ":", label="training step (D + G)")
+    ax.plot(epochs, [row["valid_d_loss"] for row in scored], label="discriminator loss")
+    ax.plot(epochs, [row["valid_g_loss"] for row in scored], label="generator loss")
+    ax.plot([row["epoch"] for row in history], [row["train_loss"] for row in history], ":",
+            label="training step (D + G)")
     ax.axhline(2 * math.log(2), color="grey", lw=0.8, ls="--", label="D loss at equilibrium (2 log 2)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (nats per image)")
@@ -118,8 +124,8 @@ def gan_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     if title:
         ax.set_title(title)
     right = fig.add_subplot(1, 2, 2)
-    right.plot(epochs, [row["valid_d_real"] for row in history], label="mean D(x), validation images")
-    right.plot(epochs, [row["valid_d_fake"] for row in history], label="mean D(G(z))")
+    right.plot(epochs, [row["valid_d_real"] for row in scored], label="mean D(x), validation images")
+    right.plot(epochs, [row["valid_d_fake"] for row in scored], label="mean D(G(z))")
     right.set_ylim(0, 1)
     right.set_xlabel("epoch")
     right.grid(alpha=0.3)

@@ -85,6 +85,10 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
     seed: int = option(0, "seed of the weights, the batches and the binarization", at_least=0, at_most=MAX_SEED)
     eval_size: int = option(10_000, "train and validation images scored after each epoch", at_least=1)
+    eval_every: int = option(1, "score those images every N epochs and after the last (the others log their "
+                             "training objective only; best.pt is chosen among the scored epochs): on long "
+                             "runs the steps then dominate. The weights trained are the same for every N",
+                             at_least=1)
     figures: str = option("end", "when the figures are drawn. every: the curves after an epoch (at most every "
                           f"{CURVES_SECONDS:.0f} s) and each grid of samples as its epoch ends; end: the same "
                           "figures, drawn when training ends or is stopped (the samples are taken as their "
@@ -360,6 +364,7 @@ def resume(
     run_dir: str | Path,
     *,
     epochs: int | None = None,
+    eval_every: int | None = None,
     model_name: str | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
@@ -368,14 +373,16 @@ def resume(
     progress: bool = False,
 ) -> Run:
     """Continue a run from its last checkpoint, exactly as if it had not stopped;
-    ``epochs`` may raise the number of epochs to train for, and ``model_name``, when
-    given, must be the run's."""
+    ``epochs`` may raise the number of epochs to train for and ``eval_every`` change how
+    often the epochs are scored (neither changes the weights trained), and ``model_name``,
+    when given, must be the run's."""
     run = RunDir.open(run_dir)
     config = RunConfig.read(run)
     if model_name is not None and config.model != model_name:
         raise ConfigError(f"{run.path} is a {config.model} run, not {model_name}")
-    if epochs is not None:
-        train = dataclasses.replace(config.train, epochs=epochs)
+    changes = {k: v for k, v in (("epochs", epochs), ("eval_every", eval_every)) if v is not None}
+    if changes:
+        train = dataclasses.replace(config.train, **changes)
         train.check()
         config = dataclasses.replace(config, train=train)
     train = config.train
@@ -545,7 +552,7 @@ def _train(run: RunDir, open_session: Callable[[], Session], checkpoint: dict[st
             s.log(f"resuming {s.run.path} at epoch {state.epoch + 1}"
                   + (f", batch {state.batch + 1}" if state.batch else ""))
         first_step = state.step
-        best = max((row["valid_bound"] for row in state.history), default=-math.inf)
+        best = max((row["valid_bound"] for row in state.history if "valid_bound" in row), default=-math.inf)
         stopped = False
         with _deferred_interrupt() as interrupted:
             while state.epoch < train.epochs and not stopped:
@@ -560,10 +567,10 @@ def _train(run: RunDir, open_session: Callable[[], Session], checkpoint: dict[st
                 state.save(s)
                 if s.world.main:
                     s.run.write_metrics(state.history)
-                    if row["valid_bound"] > best:
+                    if row.get("valid_bound", -math.inf) > best:
                         s.run.save_checkpoint({"model": s.model.state_dict(), "epoch": state.epoch}, "best.pt")
                     _report_epoch(s, state, row)
-                best = max(best, row["valid_bound"])
+                best = max(best, row.get("valid_bound", -math.inf))
         if stopped:
             state.save(s)
             if s.world.main:
@@ -635,29 +642,35 @@ def _epoch_steps(s: Session, state: TrainState, first_step: int, interrupted: _S
 
 
 def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: float) -> dict[str, Any] | None:
-    """The epoch's metrics row: the objective on fixed training and validation images, the
-    family's scores, and timings (on rank 0; None elsewhere). Steps the learning-rate
-    schedule (everywhere)."""
+    """The epoch's metrics row: the objective on fixed training and validation images and
+    the family's scores (on the epochs ``eval_every`` picks), the training objective and
+    timings (on rank 0; None elsewhere). Steps the learning-rate schedule (everywhere)."""
     steps_seconds = time.perf_counter() - start_time
     lr = s.optimizer.param_groups[0]["lr"]
     s.scheduler.step()
     if not s.world.main:
         return None  # rank 0 scores and broadcasts the row
-    s.model.eval()
-    with fixed_rng(s.train.seed + 1, s.device):
-        return {
-            "epoch": state.epoch + 1,
-            "step": state.step,
-            "train_loss": state.loss_sum / state.batch,
-            **s.model.epoch_scores(s.objective, s.train_eval, s.valid_eval),
-            **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
-               if isinstance(v, (int, float))},
-            "kl_weight": kl_weight,
-            "lr": lr,
-            "seconds": time.perf_counter() - start_time,  # the steps and the scores above
-            "steps_seconds": steps_seconds,
-            "processes": s.world.size,
-        }
+    epoch = state.epoch + 1
+    scores: dict[str, Any] = {}
+    if epoch % s.train.eval_every == 0 or epoch == s.train.epochs:
+        s.model.eval()
+        with fixed_rng(s.train.seed + 1, s.device):
+            scores = {
+                **s.model.epoch_scores(s.objective, s.train_eval, s.valid_eval),
+                **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
+                   if isinstance(v, (int, float))},
+            }
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": state.loss_sum / state.batch,
+        **scores,
+        "kl_weight": kl_weight,
+        "lr": lr,
+        "seconds": time.perf_counter() - start_time,  # the steps and the scores above
+        "steps_seconds": steps_seconds,
+        "processes": s.world.size,
+    }
 
 
 def _tensorboard(path: Path) -> Any:
@@ -672,10 +685,14 @@ def _tensorboard(path: Path) -> Any:
 
 def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
     """The epoch's log line, the curves, and samples at the middle and the end."""
-    scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
-                     if k.startswith("valid_") and k != "valid_bound")
-    s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
-          f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
+    if "valid_bound" in row:
+        scores = "".join(f"  {k[6:]} {v:.4f}" for k, v in row.items()
+                         if k.startswith("valid_") and k != "valid_bound")
+        s.log(f"epoch {row['epoch']}/{s.train.epochs}  train {row['train_bound']:.2f}  "
+              f"valid {row['valid_bound']:.2f} nats/image{scores}  ({row['seconds']:.1f} s)")
+    else:
+        s.log(f"epoch {row['epoch']}/{s.train.epochs}  training objective {-row['train_loss']:.2f} nats/image, "
+              f"not scored (every {s.train.eval_every} epochs)  ({row['seconds']:.1f} s)")
     if s.train.figures == "every" and (time.monotonic() - s.curves_drawn >= CURVES_SECONDS
                                        or row["epoch"] == s.train.epochs):
         _draw_curves(s, state)

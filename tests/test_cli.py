@@ -69,6 +69,12 @@ def test_resume_continues_a_run(trained):
     assert result.exit_code == 0, result.output
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    result = invoke("fit", "vae", "--run-dir", trained, "--resume", "--epochs", 6, "--eval-every", 2,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "not scored (every 2 epochs)" in result.output  # epoch 5
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [("valid_bound" in row) for row in rows] == [True, True, True, True, False, True]
 
 
 def test_unknown_model_and_option(tiny_npy):
@@ -164,6 +170,9 @@ def test_checkpoints_load_without_running_code(trained):
 def test_resume_refuses_changed_options(trained):
     result = invoke("fit", "vae", "--run-dir", trained, "--resume", "--lr", "0.1", "-q")
     assert_clean_error(result, "--lr")
+    assert "--epochs" in result.output and "--eval-every" in result.output  # what may change
+    assert_clean_error(invoke("fit", "vae", "--run-dir", trained, "--resume", "--epochs", 9,
+                              "--eval-every", 0, "-q"), "--eval-every")
     assert_clean_error(invoke("fit", "vae", "--resume", "-q"), "--run-dir")
 
 

@@ -315,8 +315,9 @@ def test_burda_budget_continues_a_stopped_row_then_evaluates_and_copies(tmp_path
     second = piece(3280)
     assert second.returncode == 0, second.stderr
     calls = log.read_text().splitlines()
-    assert calls[0].startswith("fit iwae --particles 5 --dataset binarized-mnist --lr-schedule burda --epochs 3280")
-    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume"
+    assert calls[0].startswith("fit iwae --particles 5 --dataset binarized-mnist --lr-schedule burda --epochs 3280"
+                               " --eval-every 10")
+    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume --eval-every 10"
     assert calls[2].startswith("evaluate ") and calls[2].endswith(" --iw 5000") and len(calls) == 3
     pieces = (out / "burda-iwae5.pieces").read_text().splitlines()
     assert [p.split(" in ")[0] for p in pieces] == ["epochs 1-1000", "epochs 1001-3280"]
@@ -340,7 +341,7 @@ def test_burda_budget_restores_a_carried_row_on_a_fresh_machine_and_drops_the_ca
                             capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     calls = log.read_text().splitlines()
-    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume"
+    assert calls[1] == f"fit iwae --run-dir {runs / 'burda-iwae5'} --resume --eval-every 10"
     pieces = (results / "burda-iwae5" / "burda-iwae5.pieces").read_text().splitlines()
     assert [p.split(" in ")[0] for p in pieces] == ["epochs 1-1000", "epochs 1001-3280"]
     assert not (results / "burda-iwae5" / "carry").exists()

@@ -378,3 +378,39 @@ def test_config_json_is_the_run_config_and_reads_back(tiny_npy, tmp_path):
     assert on_disk == json.loads(json.dumps(run.config.to_json())) and set(on_disk) == {"model", "model_config", "train", "data"}
     assert RunConfig.read(RunDir(tmp_path / "run")) == run.config == load_run(tmp_path / "run").config
     assert run.data_info == {"name": run.config.data.name, "x_dim": 64, "binarize": "none", "image_shape": [1, 8, 8]}
+
+
+def test_eval_every_scores_some_epochs_and_trains_the_same_weights(tiny_npy, tmp_path):
+    """--eval-every N scores epochs N, 2N, ... and the last; the others hold the training
+    objective only. The weights, the training objective and the scored rows are those of a
+    run scored every epoch, and best.pt is the best of the scored epochs."""
+    every = fit("vae", SMALL, config(tiny_npy, epochs=5), tmp_path / "every", device="cpu")
+    sparse = fit("vae", SMALL, config(tiny_npy, epochs=5, eval_every=2), tmp_path / "sparse", device="cpu")
+    assert [("valid_bound" in row) for row in sparse.history] == [False, True, False, True, True]
+    timeless = lambda row: {k: v for k, v in row.items() if not k.endswith("seconds")}  # noqa: E731
+    for a, b in zip(every.history, sparse.history):
+        assert timeless(b) == {k: v for k, v in timeless(a).items() if k in b}
+        assert b["train_loss"] == a["train_loss"]
+    for a, b in zip(every.model.state_dict().values(), sparse.model.state_dict().values()):
+        assert torch.equal(a, b)
+    scored = [row for row in sparse.history if "valid_bound" in row]
+    best = max(scored, key=lambda row: row["valid_bound"])["epoch"]
+    assert torch.load(tmp_path / "sparse" / "best.pt", weights_only=True)["epoch"] == best
+    assert (tmp_path / "sparse" / "figures" / "curves.png").is_file()
+    header = (tmp_path / "sparse" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "valid_bound" in header
+
+
+def test_eval_every_may_change_on_resume_and_nothing_else_does(tiny_npy, tmp_path):
+    """A resumed run may score more or less often: the weights are those of the same run
+    left alone; the refusal of other changes names both options that may change."""
+    full = fit("vae", SMALL, config(tiny_npy, epochs=5), tmp_path / "full", device="cpu")
+    fit("vae", SMALL, config(tiny_npy, epochs=2), tmp_path / "cut", device="cpu")
+    resumed = resume(tmp_path / "cut", epochs=5, eval_every=2, device="cpu")
+    assert [("valid_bound" in row) for row in resumed.history] == [True, True, False, True, True]
+    assert [row["train_loss"] for row in resumed.history] == [row["train_loss"] for row in full.history]
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["train"]["eval_every"] == 2
+    with pytest.raises(ConfigError, match="eval_every"):
+        resume(tmp_path / "cut", epochs=9, eval_every=0, device="cpu")

@@ -102,7 +102,7 @@ def test_the_minimax_generator_loss_stalls_while_d_rejects_its_images():
 
 def test_fit_gan_through_the_cli_draws_its_figures_and_resumes_exactly(toy_npz, tmp_path):
     common = ["--z-dim", 2, "--hidden", 32, "--batch-size", 20, "--eval-size", 60, "--device", "cpu", "-q",
-              "--dataset", toy_npz, "--lr", 2e-4]
+              "--dataset", toy_npz, "--lr", 2e-4, "--eval-every", 2]
     result = invoke("fit", "gan", *common, "--epochs", 4, "--run-dir", tmp_path / "whole")
     assert result.exit_code == 0, result.output
     assert "valid GAN value V(D, G)" in result.output and "--observation gaussian --sigma S" in result.output
@@ -111,7 +111,9 @@ def test_fit_gan_through_the_cli_draws_its_figures_and_resumes_exactly(toy_npz, 
             "interpolation.png"} <= figures and "reconstructions.png" not in figures
     history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert {"valid_d_loss", "valid_g_loss", "valid_d_real", "valid_d_fake"} <= set(history[-1])
-    assert all(row["valid_bound"] == pytest.approx(-row["valid_d_loss"]) for row in history)
+    scored = [row for row in history if "valid_bound" in row]  # --eval-every 2: epochs 2 and 4
+    assert [row["epoch"] for row in scored] == [2, 4]
+    assert all(row["valid_bound"] == pytest.approx(-row["valid_d_loss"]) for row in scored)
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["train"]["objective"] == "gan" and config["train"]["binarize"] == "none"
     # two epochs, then two more from the checkpoint: the same weights as four at once

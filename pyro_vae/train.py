@@ -40,7 +40,6 @@ from .errors import ConfigError, DataError, Flag, Interrupted, RunError, Trainin
 from .models import Family, model_class
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .compiled import CompiledLoss, rng_state, set_rng_state
-from .pair import own_parameters
 from .runs import RunDir, check_writable, load_model_state
 from .stacking import stacking
 

@@ -26,11 +26,11 @@ if TYPE_CHECKING:  # the names for type checkers and readers; at run time __geta
     from .errors import PyroVAEError
     from .guides import GUIDES, make_flow
     from .likelihoods import LIKELIHOODS, make_likelihood
-    from .models import (ADGM, GAN, GMVAE, IWAE, M1M2, MODELS, SSVAE, VAE, Family, GANConfig, GMVAEConfig, NetsConfig,
-                         SSVAEConfig, VAEConfig, ADGMConfig, M1M2Config, build_model)
+    from .models import (ADGM, GAN, GMVAE, IWAE, M1M2, MODELS, SBN, SSVAE, VAE, Family, GANConfig, GMVAEConfig,
+                         NetsConfig, SSVAEConfig, VAEConfig, ADGMConfig, M1M2Config, SBNConfig, build_model)
     from .nets import DECODERS, ENCODERS
     from .pair import own_parameters
-    from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, make_objective
+    from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, WakeSleepObjective, make_objective
     from .train import Run, RunConfig, TrainConfig, fit, load_run, resolve, resume
 
 #: each public name and the module that defines it
@@ -40,9 +40,11 @@ _MODULES = {
     "LIKELIHOODS": "likelihoods", "make_likelihood": "likelihoods", "ADGM": "models", "GAN": "models", "GANConfig": "models", "GMVAE": "models",
     "IWAE": "models", "M1M2": "models", "MODELS": "models", "SSVAE": "models", "VAE": "models", "Family": "models",
     "GMVAEConfig": "models", "NetsConfig": "models", "SSVAEConfig": "models", "VAEConfig": "models",
-    "ADGMConfig": "models", "M1M2Config": "models", "build_model": "models", "DECODERS": "nets", "ENCODERS": "nets",
+    "ADGMConfig": "models", "M1M2Config": "models", "SBN": "models", "SBNConfig": "models", "build_model": "models",
+    "DECODERS": "nets", "ENCODERS": "nets",
     "own_parameters": "pair", "OBJECTIVES": "objectives", "ObjectiveSpec": "objectives",
-    "RenyiObjective": "objectives", "make_objective": "objectives", "Run": "train", "RunConfig": "train",
+    "RenyiObjective": "objectives", "WakeSleepObjective": "objectives", "make_objective": "objectives",
+    "Run": "train", "RunConfig": "train",
     "TrainConfig": "train", "fit": "train", "load_run": "train", "resolve": "train", "resume": "train",
 }
 

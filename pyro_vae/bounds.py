@@ -20,7 +20,17 @@ along extra left dimensions, and a logsumexp over those dimensions marginalises 
 before any average over K. A site enumerated in the guide contributes its model prior and no guide density, which
 makes w_k = sum_y p(x, y, z_k^y) / q(z_k^y | x, y), still unbiased for p(x).
 
-Every latent must live inside the model's data plate (no global latent variables).
+Every latent lives inside the model's data plate, except global latents that model and
+guide mark ``infer[keyed.GLOBAL]`` (the weights W of a Bayesian network, outside the data
+plate). Those are drawn from the guide inside each importance weight, one draw W_k per
+particle (shared by the datapoints of that particle, keyed by the seed and the particle),
+and their prior / guide ratio p(W_k) / q(W_k) is left out of the per-datapoint weight:
+
+    w_k = p(x | z_k, W_k) p(z_k) / q(z_k | x),   W_k ~ q(W),   E[w_k] = E_q(W)[p(x | W)],
+
+so that IWAE-K is a bound, in expectation, on the log predictive likelihood under the
+weight posterior, log E_q(W)[p(x | W)] (and the ELBO on E_q(W)[log p(x | W)]), not on the
+marginal likelihood log p(x) of the prior over W, and the KL term reported is z's alone.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .compiled import Compiled
 from .diagnostics import K_HAT_INFINITE_VARIANCE, K_HAT_UNRELIABLE, WeightStream, _Moments
-from .keyed import DrawKeys, KeyedNoise
+from .keyed import GLOBAL, DrawKeys, KeyedNoise
 from .pair import family_of, own_parameters
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
@@ -98,13 +108,36 @@ def importance_traces(
     *args: Any,
     max_plate_nesting: int = 1,
     stop_guide_params: bool = False,
+    stop_draws: bool = False,
     keys: DrawKeys | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace]:
     """``log_weights`` and the guide's trace. With ``stop_guide_params`` the guide's
     log-densities are computed with their distribution parameters detached, so that the
     guide's parameters reach the weights only through the reparameterized draws (the
-    form that doubly reparameterized gradients need)."""
+    form that doubly reparameterized gradients need). With ``stop_draws`` the guide's
+    draws are cut from the graph before the model scores them (and in the guide trace
+    returned), so that the guide's parameters reach the weights only through log q (what
+    wake-sleep's gradients need)."""
+    log_w, log_lik, guide_trace, _ = importance_traces_with_model(
+        model, guide, x, num_particles, *args, max_plate_nesting=max_plate_nesting,
+        stop_guide_params=stop_guide_params, stop_draws=stop_draws, keys=keys, **kwargs)
+    return log_w, log_lik, guide_trace
+
+
+def importance_traces_with_model(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    *args: Any,
+    max_plate_nesting: int = 1,
+    stop_guide_params: bool = False,
+    stop_draws: bool = False,
+    keys: DrawKeys | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace, poutine.Trace]:
+    """``importance_traces`` and the model's trace (replayed on the guide's draws)."""
     batch = x.shape[0]
     particle_dim = -1 - max_plate_nesting
     first_enum_dim = particle_dim - 1
@@ -114,6 +147,10 @@ def importance_traces(
         guide_trace = poutine.trace(
             poutine.enum(guide, first_available_dim=first_enum_dim)
         ).get_trace(x, *args, **kwargs)
+        if stop_draws:
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    site["value"] = site["value"].detach()
         guide_enum_dims = [
             s["infer"]["_enumerate_dim"]
             for s in guide_trace.nodes.values()
@@ -127,7 +164,7 @@ def importance_traces(
     log_joint: Any = 0.0
     log_lik: Any = 0.0
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get(GLOBAL):
             continue
         lp = _site_log_prob(site)
         if lp.dim() < 2 or lp.shape[-1] != batch:
@@ -139,7 +176,8 @@ def importance_traces(
         if site["is_observed"]:
             log_lik = log_lik + lp
     for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
+                and not site["infer"].get(GLOBAL):
             if "_enumerate_dim" not in site["infer"]:
                 if stop_guide_params:
                     site = {**site, "fn": _detached(site["fn"])}
@@ -152,9 +190,19 @@ def importance_traces(
     log_joint = log_joint.expand(shape).reshape(-1, num_particles, batch)
     log_lik = log_lik.expand(shape).reshape(log_joint.shape)
     if log_joint.shape[0] == 1:
-        return log_joint[0], log_lik[0], guide_trace
+        return log_joint[0], log_lik[0], guide_trace, model_trace
     posterior = torch.softmax(log_joint, dim=0)
-    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace
+    return torch.logsumexp(log_joint, dim=0), (posterior * log_lik).sum(0), guide_trace, model_trace
+
+
+def guide_log_density(guide_trace: poutine.Trace) -> torch.Tensor | float:
+    """log q of a guide trace's draws: the unscaled log-densities of its latent sites,
+    summed (each datapoint's, where the sites are in the data plate)."""
+    total: Any = 0.0
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            total = total + _site_log_prob(site)
+    return total
 
 
 def _chunk_weights(model: Callable, guide: Callable, seed: int, compile: bool, log: Callable[[str], None] | None,

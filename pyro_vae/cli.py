@@ -31,6 +31,7 @@ from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import check_writable, write_json, write_npy, write_npz
 from .models import MODELS
 from .models.base import OBSERVATIONS
+from .objectives import objective_spec
 from .metrics import cluster_accuracy
 from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
 
@@ -61,13 +62,16 @@ class Group(click.Group):
             raise click.ClickException(f"cannot read or write{where}: {e.strerror or e}") from None
 
 
-def _tuple_of_ints(value: str) -> tuple[int, ...]:
+def _tuple_of_ints(value: str, name: str) -> tuple[int, ...]:
+    """Comma-separated sizes of the option ``name`` (a field's name), each a positive integer."""
+    hint = f"'{Flag(name).cli()}'"
     try:
         sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 200,200, got {value!r}")
+        raise click.BadParameter(f"expected comma-separated integers such as 200,200, got {value!r}",
+                                 param_hint=hint) from None
     if any(s < 1 for s in sizes):
-        raise click.BadParameter("layer sizes must be positive")
+        raise click.BadParameter(f"layer sizes must be positive, got {value!r}", param_hint=hint)
     return sizes
 
 
@@ -117,7 +121,7 @@ def _values_from_options(cls: type, opts: dict[str, Any], prefix: str = "") -> d
         if is_nested(f):
             values[f.name] = _values_from_options(hints[f.name], opts, name + NESTED)
         elif typing.get_origin(hints[f.name]) is tuple:
-            values[f.name] = _tuple_of_ints(opts[name])
+            values[f.name] = _tuple_of_ints(opts[name], name.replace(NESTED, '.'))
         else:
             values[f.name] = opts[name]
     return values
@@ -227,9 +231,10 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
         click.Option(["--quiet", "-q"], is_flag=True, help="no progress bar or per-epoch lines"),
     ]
     doc = (cls.__doc__ or "").strip().splitlines()[0]
+    particles = objective_spec(cls.default_objective).default_particles or cls.default_particles
     return click.Command(name, callback=callback, params=params,
                          help=f"{doc} Trained by default with the {cls.default_objective} objective"
-                              + (f" and {cls.default_particles} particles." if cls.default_particles > 1 else "."))
+                              + (f" and {particles} particles." if particles > 1 else "."))
 
 
 @contextlib.contextmanager

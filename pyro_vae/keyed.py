@@ -11,8 +11,9 @@ per image would, one call per image and chunk).
 
 ``KeyedNoise`` is the Pyro messenger that supplies these draws to the guide's sample sites;
 it covers every reparameterized site built on normal noise (Normal, MultivariateNormal,
-their ``Independent`` and ``TransformedDistribution`` forms, masked or not) and refuses
-any other, rather than let it draw unkeyed noise silently.
+their ``Independent`` and ``TransformedDistribution`` forms, masked or not), and Bernoulli
+sites, drawn as 1 where the normal CDF of the noise (a keyed uniform) is below the
+probability; it refuses any other, rather than let it draw unkeyed noise silently.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def keyed_normal(keys: DrawKeys, site: str, shape: torch.Size, particle_axis: in
 
 
 def reparameterized(fn: td.Distribution, eps: torch.Tensor) -> torch.Tensor:
-    """A draw of ``fn`` from its standard normal noise ``eps`` (of ``fn``'s full shape)."""
+    """A draw of ``fn`` from its standard normal noise ``eps`` (of ``fn``'s full shape);
+    for a Bernoulli, a discrete draw by inversion of the uniform Phi(eps)."""
     if isinstance(fn, (td.Independent, MaskedDistribution)):
         return reparameterized(fn.base_dist, eps)
+    if isinstance(fn, td.Bernoulli):
+        return (0.5 * torch.erfc(-eps / math.sqrt(2.0)) < fn.probs).to(fn.probs.dtype)
     if isinstance(fn, td.Normal):
         return fn.loc + fn.scale * eps
     if isinstance(fn, td.MultivariateNormal):
@@ -94,13 +98,24 @@ def reparameterized(fn: td.Distribution, eps: torch.Tensor) -> torch.Tensor:
                 value = t(value)
             return value
     raise ValueError(f"keyed draws need a guide site built on normal noise (Normal, MultivariateNormal, "
-                     f"or a transform of one), not a {type(fn).__name__}; enumerate discrete sites")
+                     f"or a transform of one) or a Bernoulli, not a {type(fn).__name__}; enumerate discrete sites")
+
+
+#: the ``infer`` key of a sample site that is a global latent, outside the data plate (the
+#: weights of a Bayesian network): the evaluator draws it inside each importance weight,
+#: keyed by (seed, site, particle) alone, and leaves its prior / guide ratio out of the
+#: per-datapoint weights (``bounds.importance_traces``)
+GLOBAL = "global_latent"
+#: the datapoint key of a global latent's draws: one draw per particle for every datapoint
+GLOBAL_KEY = -1
 
 
 class KeyedNoise(Messenger):
     """Supply the value of every guide sample site that is neither observed, enumerated nor
-    given (by replay) from ``keyed_normal``. Enter it outside the particle plate, so that
-    each site's distribution arrives broadcast over particles and data."""
+    given (by replay) from ``keyed_normal``; a global latent's (``GLOBAL``) from the key of
+    no datapoint, so that every datapoint sees the same draw of each particle. Enter it
+    outside the particle plate, so that each site's distribution arrives broadcast over
+    particles and data."""
 
     def __init__(self, keys: DrawKeys, particle_dim: int):
         super().__init__()
@@ -112,11 +127,14 @@ class KeyedNoise(Messenger):
         fn = msg["fn"]
         nb = len(fn.batch_shape)
         shape = fn.batch_shape + fn.event_shape
-        if nb < -self.particle_dim or shape[nb - 1] != len(self.keys.index):
+        keys = self.keys
+        if msg["infer"].get(GLOBAL) and nb >= -self.particle_dim and shape[nb - 1] == 1:
+            keys = DrawKeys(keys.seed, torch.full((1,), GLOBAL_KEY, device=keys.index.device), keys.first_particle)
+        if nb < -self.particle_dim or shape[nb - 1] != len(keys.index):
             raise ValueError(f"site {msg['name']!r} is not inside the particle and data plates "
                              f"(shape {tuple(shape)}); keyed draws need both")
-        eps = keyed_normal(self.keys, msg["name"], shape, nb + self.particle_dim, nb - 1,
-                           torch.get_default_dtype(), self.keys.index.device)
+        eps = keyed_normal(keys, msg["name"], shape, nb + self.particle_dim, nb - 1,
+                           torch.get_default_dtype(), keys.index.device)
         msg["value"] = reparameterized(fn, eps)
 
 

@@ -1,4 +1,4 @@
-"""ELBO flavours by name.
+"""ELBO flavours by name, and the objectives that are not an ELBO's gradient (wake-sleep).
 
 Each entry builds an object with Pyro's ELBO interface: ``loss`` and
 ``differentiable_loss``, which the library's loop uses (it runs ``backward`` itself, so any
@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 
-from .bounds import importance_traces, log_weights
+from .bounds import guide_log_density, importance_traces, importance_traces_with_model, log_weights
 from .errors import ConfigError, Flag
 
 
@@ -134,17 +135,125 @@ class AdversarialGame:
 
     def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
         return -F.softplus(fake).sum() if self.minimax else F.softplus(-fake).sum()
+class ScoreFunctionELBO(TraceGraph_ELBO):
+    """Pyro's ``TraceGraph_ELBO`` with a ``differentiable_loss``: the ELBO whose gradient for
+    non-reparameterized guide sites is the score function, Rao-Blackwellized over the
+    sites downstream of each and reduced by the baselines a guide declares in its sites'
+    ``infer["baseline"]`` (their squared-error loss is part of the gradient, not of the
+    value). The value is minus the ELBO."""
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return surrogate + (-elbo - surrogate).detach()
+
+
+class WakeSleepObjective(ELBO):
+    """Reweighted wake-sleep (Bornschein & Bengio 2015; Le et al. 2019) with per-datapoint
+    weights, and wake-sleep (Hinton et al. 1995) as its k = 1, sleep-only case.
+
+    For each datapoint x, k draws h_i ~ q(h | x) (cut from the graph: nothing is
+    reparameterized) and log w_i = log p(x, h_i) - log q(h_i | x), normalised over the k
+    draws of that datapoint alone, w~_i = softmax(log w)_i:
+
+    - wake-theta: sum_i w~_i grad_theta log p(x, h_i), the IWAE-k gradient for the model;
+    - wake-phi: sum_i w~_i grad_phi log q(h_i | x), a self-normalised estimate of
+      -grad_phi KL(p(h | x) || q(h | x));
+    - sleep-phi: grad_phi log q(h' | x') for (x', h') drawn from the model, one per row.
+
+    The guide's gradient is ``insomnia`` x wake-phi + (1 - insomnia) x sleep-phi. One
+    surrogate carries all three (the weights detached), so the training loop's backward
+    gives them; its value is minus the IWAE-k bound (the ELBO at k = 1), summed over the
+    batch. Pyro's ``ReweightedWakeSleep`` normalises over particles of the whole batch's
+    summed log-densities instead, which minibatches cannot use.
+
+    The sleep phase runs the model with its observed sites drawn (``poutine.uncondition``)
+    and the guide on the drawn x with its latent sites replayed from the model's draws: it
+    needs a model with one observed site, of x's shape, whose latent sites the guide
+    names alike.
+    """
+
+    untraceable_reason = "the sleep phase's draws from the model are not traced"
+
+    def __init__(self, num_particles: int = 5, insomnia: float = 1.0, max_plate_nesting: int = 1):
+        if not 0 <= insomnia <= 1:
+            raise ConfigError(f"{{insomnia}} must be from 0 to 1, got {insomnia}", insomnia=Flag("insomnia"))
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.insomnia = insomnia
+        self.traceable = insomnia == 1  # for ``compiled``: the sleep phase is not traced
+        self._model_checked = False
+
+    def wake(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
+             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log_w, log_p, log_q)`` of the wake phase's draws, each (particles, batch):
+        log_p carries the model's gradient, log_q the guide's, log_w both."""
+        log_w, _, guide_trace, model_trace = importance_traces_with_model(
+            model, guide, x, self.num_particles, *args, stop_draws=True, max_plate_nesting=self.max_plate_nesting,
+            **kwargs)
+        if not self._model_checked:
+            if not any(s["fn"].log_prob(s["value"]).requires_grad for s in model_trace.nodes.values()
+                       if s["type"] == "sample"):
+                raise ConfigError("wake-sleep learns the model's parameters, and this model has none")
+            self._model_checked = True
+        log_q = guide_log_density(guide_trace)
+        return log_w, log_w + log_q, log_q
+
+    def sleep(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """log q(h' | x') of one draw (x', h') from the model per row of ``x``, (batch,)."""
+        with poutine.block():
+            dream = poutine.trace(poutine.uncondition(model)).get_trace(x, *args, **kwargs)
+        observed = [s for s in dream.nodes.values() if s["type"] == "sample" and s["infer"].get("was_observed")]
+        if len(observed) != 1 or observed[0]["value"].shape != x.shape:
+            raise ConfigError("the sleep phase needs a model with one observed site of the data's shape; "
+                              "use {insomnia}", insomnia=Flag("insomnia", 1.0))
+        for site in dream.nodes.values():
+            if site["type"] == "sample":
+                site["value"] = site["value"].detach()
+        x_dream = observed[0]["value"]
+        guide_trace = poutine.trace(poutine.replay(guide, trace=dream)).get_trace(x_dream, *args, **kwargs)
+        return guide_log_density(guide_trace)
+
+    def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        log_w, log_p, log_q = self.wake(model, guide, x, *args, **kwargs)
+        weights = torch.softmax(log_w, 0).detach()  # per datapoint: normalised over its own draws
+        surrogate = (weights * log_p).sum(0)
+        if self.insomnia > 0:
+            surrogate = surrogate + self.insomnia * (weights * log_q).sum(0)
+        if self.insomnia < 1:
+            surrogate = surrogate + (1 - self.insomnia) * self.sleep(model, guide, x, *args, **kwargs)
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
+        return -(surrogate + (bound - surrogate).detach()).sum()
+
+    def loss(self, model: Callable, guide: Callable, x: torch.Tensor, *args: Any, **kwargs: Any) -> float:
+        """Minus the IWAE-k bound summed over the batch, as a float."""
+        with torch.no_grad():
+            log_w, _ = log_weights(model, guide, x, self.num_particles, *args,
+                                   max_plate_nesting=self.max_plate_nesting, **kwargs)
+            return -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum().item()
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss, after ``backward`` of the surrogate: what Pyro's ``SVI`` calls."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+    def _get_trace(self, model: Callable, guide: Callable, args: Any, kwargs: Any) -> Any:
+        raise NotImplementedError("wake-sleep is computed from importance_traces, not from traces one particle "
+                                  "at a time")
 
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """An ELBO flavour with the settings it carries: whether it takes ``--alpha``, whether a
-    KL weight (``--beta``, ``--kl-warmup``) means anything for it, whether the guide must be
-    reparameterized, and how to build it for ``particles`` samples per datapoint."""
+    """An objective with the settings it carries: whether it takes ``--alpha`` or
+    ``--insomnia``, whether a KL weight (``--beta``, ``--kl-warmup``) means anything for it,
+    whether the guide must be reparameterized, the particles it needs (at least
+    ``min_particles``; exactly ``fixed_particles`` where set; ``default_particles``, where
+    set, replaces the family's default), and how to build it for ``particles`` samples per
+    datapoint."""
 
     name: str
     summary: str
-    build: Callable[[int, float], Any]
+    build: Callable[..., Any]
     uses_alpha: bool = False
     allows_kl_weight: bool = True  # False for single importance-weighted bounds and the GAN game
     kl_weight_refusal: str = ("is a single importance-weighted bound: a KL weight inside its logsumexp "
@@ -152,10 +261,16 @@ class ObjectiveSpec:
     needs_reparameterized_guide: bool = False
     flow_refusal: str = ""  # why a flow guide (``--guide`` other than diagonal) cannot be used
     flow_alternative: str | None = None  # the objective to use instead, then
+    uses_insomnia: bool = False
+    min_particles: int = 1
+    fixed_particles: int | None = None
+    default_particles: int | None = None
+    trains_global_latents: bool = False  # a latent outside the data plate (a Bayesian network's weights)
 
-    def check(self, alpha: float, beta: float, kl_warmup: float) -> None:
+    def check(self, alpha: float, beta: float, kl_warmup: float, particles: int | None = None,
+              insomnia: float = 1.0) -> None:
         """Refuse settings that this objective cannot use, naming the option (the ranges of
-        each setting alone are ``TrainConfig``'s fields')."""
+        each setting alone are ``TrainConfig``'s fields)."""
         if self.uses_alpha and not 0 < alpha < 1:
             raise ConfigError(f"{{alpha}} must lie in (0, 1) for {{objective}}, got {alpha}",
                               alpha=Flag("alpha"), objective=Flag("objective", self.name))
@@ -163,6 +278,21 @@ class ObjectiveSpec:
             raise ConfigError(
                 f"{{objective}} {self.kl_weight_refusal}, so {{beta}} and {{kl_warmup}} cannot be used with it",
                 objective=Flag("objective", self.name), beta=Flag("beta"), kl_warmup=Flag("kl_warmup"))
+        self.check_particles(particles, insomnia)
+
+    def check_particles(self, particles: int | None, insomnia: float = 1.0) -> None:
+        """Refuse a number of particles, or an ``insomnia``, that this objective cannot use."""
+        if not self.uses_insomnia and insomnia != 1:
+            raise ConfigError("{insomnia} mixes the guide's wake and sleep phases of {rws}; {objective} has none",
+                              insomnia=Flag("insomnia"), rws=Flag("objective", "rws"),
+                              objective=Flag("objective", self.name))
+        if particles is not None and self.fixed_particles is not None and particles != self.fixed_particles:
+            raise ConfigError(f"{{objective}} takes {{particles}}; got {particles}",
+                              objective=Flag("objective", self.name), particles=Flag("particles", self.fixed_particles))
+        if particles is not None and particles < self.min_particles:
+            raise ConfigError(f"{{objective}} needs {{particles}} of at least {self.min_particles} (its weights are "
+                              f"normalised over them), got {particles}",
+                              objective=Flag("objective", self.name), particles=Flag("particles"))
 
     def check_guide(self, guide: str) -> None:
         """Refuse a flow guide this objective cannot use, with the reason and what to use."""
@@ -184,14 +314,17 @@ def _elbo(cls: type) -> Callable[[int, float], ELBO]:
 
 
 _GAME_HAS_NO_KL = "is the GAN game, which has no KL term to weight"
+_NO_INVERSE = ("it scores draws cut from the graph and the model's own draws under the guide, which for a flow "
+               "goes through the flow's inverse, and planar, radial and Sylvester flows have none")
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("meanfield", "TraceMeanField_ELBO: the ELBO with the analytic KL where one is registered",
-                  _elbo(TraceMeanField_ELBO),
+                  _elbo(TraceMeanField_ELBO), trains_global_latents=True,
                   flow_refusal="a flow has no analytic KL to the prior, and TraceMeanField_ELBO would silently "
                                "estimate it by Monte Carlo, which is the trace objective",
                   flow_alternative="trace"),
-    ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO)),
+    ObjectiveSpec("trace", "Trace_ELBO: Monte Carlo estimate of the whole ELBO", _elbo(Trace_ELBO),
+                  trains_global_latents=True),
     ObjectiveSpec("enum", "TraceEnum_ELBO: sites marked for parallel enumeration summed out exactly",
                   _elbo(TraceEnum_ELBO)),
     ObjectiveSpec("iwae", "importance-weighted bound with k particles, enumerated sites summed out",
@@ -211,6 +344,17 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("gan-minimax", "the GAN game with the minimax generator loss log(1 - D(G(z))), which stalls "
                   "early (models without a density)", lambda k, alpha: AdversarialGame(minimax=True),
                   allows_kl_weight=False, kl_weight_refusal=_GAME_HAS_NO_KL),
+    ObjectiveSpec("tracegraph", "TraceGraph_ELBO: the ELBO with score-function gradients, Rao-Blackwellized, "
+                  "with the guide's baselines", trains_global_latents=True,
+                  # particles one after another: a baseline's shape is that of one particle's log-density
+                  build=lambda k, alpha: ScoreFunctionELBO(num_particles=k, max_plate_nesting=1)),
+    ObjectiveSpec("rws", "reweighted wake-sleep with k particles per datapoint: the iwae gradient for the model, "
+                  "wake (and, by --insomnia, sleep) phases for the guide", lambda k, alpha, insomnia:
+                  WakeSleepObjective(k, insomnia), allows_kl_weight=False, uses_insomnia=True, min_particles=2,
+                  default_particles=5, flow_refusal=_NO_INVERSE, flow_alternative="iwae"),
+    ObjectiveSpec("wake-sleep", "wake-sleep: one draw per datapoint for the model, the sleep phase for the guide",
+                  lambda k, alpha: WakeSleepObjective(1, 0.0), allows_kl_weight=False, fixed_particles=1,
+                  default_particles=1, flow_refusal=_NO_INVERSE, flow_alternative="trace"),
 )}
 
 
@@ -222,10 +366,12 @@ def objective_spec(name: str) -> ObjectiveSpec:
         raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
 
 
-def make_objective(name: str, particles: int = 1, alpha: float = 0.5) -> ELBO | RenyiObjective:
+def make_objective(name: str, particles: int = 1, alpha: float = 0.5, insomnia: float = 1.0) -> ELBO:
     """Build the flavour ``name`` with ``particles`` samples per datapoint (averaged for
-    the ELBOs, importance-weighted for ``iwae`` and ``renyi``; ``alpha`` is renyi's)."""
+    the ELBOs, importance-weighted for ``iwae``, ``renyi`` and ``rws``; ``alpha`` is
+    renyi's, ``insomnia`` rws's)."""
     spec = objective_spec(name)
     if particles < 1:
         raise ConfigError(f"{{particles}} must be at least 1, got {particles}", particles=Flag("particles"))
-    return spec.build(particles, alpha)
+    spec.check_particles(particles, insomnia)
+    return spec.build(particles, alpha, insomnia) if spec.uses_insomnia else spec.build(particles, alpha)

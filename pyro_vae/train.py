@@ -79,6 +79,9 @@ class TrainConfig:
     particles: int | None = option(None, "samples per datapoint in the objective (default: the model's, 1; "
                                    "5 for iwae)", at_least=1)
     alpha: float = option(0.5, "alpha of --objective renyi, in (0, 1): 0 would be IWAE, 1 the ELBO")
+    insomnia: float = option(1.0, "--objective rws: the guide's gradient is this share of the wake phase's "
+                             "(its own draws, reweighted) and the rest of the sleep phase's (the model's draws); "
+                             "0 = sleep only", at_least=0, at_most=1)
     beta: float = option(1.0, "weight of the KL term", above=0)
     kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", at_least=0)
     grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
@@ -111,7 +114,8 @@ class TrainConfig:
                               f"got {self.lr_decay!r}", lr_decay=Flag("lr_decay"),
                               schedule=Flag("lr_schedule", "burda"))
         if self.objective is not None:
-            objective_spec(self.objective).check(self.alpha, self.beta, self.kl_warmup)
+            objective_spec(self.objective).check(self.alpha, self.beta, self.kl_warmup, self.particles,
+                                                 self.insomnia)
 
 
 @dataclass
@@ -271,10 +275,12 @@ def resolve(name: str, model_config: Any = None, train: TrainConfig | None = Non
     family = config_from_dict(cls.Config, model_config or {})
     cls.check_config(family)
     train = train or TrainConfig()
+    objective = train.objective or objective_spec(cls.default_objective).for_guide(family.guide)
+    default_particles = objective_spec(objective).default_particles or cls.default_particles
     train = dataclasses.replace(
         train,
-        objective=train.objective or objective_spec(cls.default_objective).for_guide(family.guide),
-        particles=cls.default_particles if train.particles is None else train.particles,
+        objective=objective,
+        particles=default_particles if train.particles is None else train.particles,
         binarize="none" if train.binarize is None and family.likelihood != "bernoulli" else train.binarize,
         dataset=str(Path(train.dataset).resolve()) if train.dataset.endswith((".npy", ".npz")) else train.dataset)
     train.check()
@@ -284,7 +290,13 @@ def resolve(name: str, model_config: Any = None, train: TrainConfig | None = Non
                if spec.needs_reparameterized_guide and cls.enumerates_in_guide else "")
         raise ConfigError(f"{name} cannot be trained with {{objective}}{why}; "
                           f"use one of {', '.join(cls.objectives)}", objective=Flag("objective", train.objective))
-    objective_spec(train.objective).check_guide(family.guide)
+    spec = objective_spec(train.objective)
+    spec.check_guide(family.guide)
+    if cls.global_latents(family) and not spec.trains_global_latents:
+        raise ConfigError("{objective} weighs each datapoint's draws on their own and has no place for latents "
+                          "shared by the batch (the weights of {bayesian}); use {meanfield} or trace",
+                          objective=Flag("objective", train.objective), bayesian=Flag("bayesian"),
+                          meanfield=Flag("objective", "meanfield"))
     return RunConfig(name, family, train)
 
 
@@ -496,7 +508,7 @@ class Session:
                                    betas=model.adam_betas)
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
-        objective = make_objective(train.objective, train.particles, train.alpha)
+        objective = make_objective(train.objective, train.particles, train.alpha, train.insomnia)
         log = log if log and world.main else lambda message: None
         return cls(
             run=run, config=config, train=train, model=model, data=data, device=device,

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from pyro_vae.cli import main
 from pyro_vae.data import toy_binary_images
-from pyro_vae.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,9 +83,17 @@ def assert_scores_and_samples_by_class(run, tmp_path, classes=4):
 
 SHAPE = (1, 8, 8)
 NETS = {"z_dim": 3, "hidden": (24,), "activation": "tanh"}
-#: the families with a guide and a likelihood of their own (all but the GAN), which the tests of
-#: every family's pair, objective, network and likelihood run over
-PAIR_FAMILIES = sorted(name for name, cls in MODELS.items() if cls.has_encoder and cls.has_density)
+
+
+def _net_families() -> list[str]:
+    from pyro_vae.models import MODELS, NetsConfig
+
+    return sorted(name for name, cls in MODELS.items() if issubclass(cls.Config, NetsConfig))
+
+
+#: the families assembled from networks, a likelihood and a guide (``NetsConfig``): those that
+#: the model-space tests build from ``NETS`` (the SBN has layers of binary units instead)
+NET_FAMILIES = _net_families()
 FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
           "adgm": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "a_dim": 3},
           # the network, likelihood and guide options describe M1 (untrained here, and frozen)

@@ -20,7 +20,7 @@ from pyro_vae.guides import GUIDES, make_flow
 from pyro_vae.nets import GaussianEncoder, make_decoder, make_encoder
 from pyro_vae.objectives import OBJECTIVES, objective_spec
 
-from helpers import FAMILY, PAIR_FAMILIES, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
+from helpers import FAMILY, NET_FAMILIES, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
 
 FLOWS = [g for g in GUIDES if g != "diagonal"]
 
@@ -214,7 +214,7 @@ def test_a_flow_closes_most_of_the_diagonal_gap_on_a_correlated_posterior(guide,
     assert gaps[guide] < 0.3 * best_diagonal_gap, gaps
 
 
-FAMILY_GUIDES = [(family, guide) for family in PAIR_FAMILIES for guide in FLOWS]
+FAMILY_GUIDES = [(family, guide) for family in NET_FAMILIES for guide in FLOWS]
 
 
 @pytest.mark.parametrize("family,guide", FAMILY_GUIDES)
@@ -251,11 +251,12 @@ def test_meanfield_with_a_flow_would_silently_be_trace():
 def test_each_objective_takes_a_flow_or_says_why_not_and_what_instead(name):
     spec = objective_spec(name)
     spec.check_guide("diagonal")
-    if name in ("meanfield", "dreg"):
+    if name in ("meanfield", "dreg", "rws", "wake-sleep"):
         with pytest.raises(ConfigError, match=f"objective='{name}' cannot train guide='planar'.*use objective=") as e:
             spec.check_guide("planar")
         assert e.value.cli_message().startswith(f"--objective {name} cannot train --guide planar")
-        assert spec.for_guide("planar") == {"meanfield": "trace", "dreg": "iwae"}[name]
+        assert spec.for_guide("planar") == {"meanfield": "trace", "dreg": "iwae", "rws": "iwae",
+                                            "wake-sleep": "trace"}[name]
     else:
         spec.check_guide("planar")
         assert spec.for_guide("planar") == name

@@ -17,9 +17,9 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.nets import DECODERS, ENCODERS
 
-from helpers import FAMILY, NETS, PAIR_FAMILIES, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
+from helpers import FAMILY, NET_FAMILIES, NETS, SHAPE, assert_clean_error, invoke, toy_images, train_briefly
 
-COMBOS = [(family, net, likelihood) for family in PAIR_FAMILIES for net in sorted(ENCODERS)
+COMBOS = [(family, net, likelihood) for family in NET_FAMILIES for net in sorted(ENCODERS)
           for likelihood in LIKELIHOODS]
 
 

@@ -18,13 +18,14 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro_vae import MODELS, VAE, CompiledLoss, build_model, load_dataset, make_objective
 from pyro_vae.models.base import Family
 from pyro_vae.pair import ParameterStoreClash, PairFunction
+from pyro_vae.objectives import objective_spec
 from pyro_vae.train import make_optimizer
 
-from helpers import FAMILY, NETS, PAIR_FAMILIES, REPO, SHAPE, labelled_npz
+from helpers import FAMILY, NET_FAMILIES, NETS, REPO, SHAPE, labelled_npz
 
 LR = 1e-2
 STEPS = 4
-CASES = [(name, objective) for name in PAIR_FAMILIES for objective in MODELS[name].objectives]
+CASES = [(name, objective) for name in NET_FAMILIES for objective in MODELS[name].objectives]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def initialised(name: str, data) -> Family:
 
 
 def objective_for(name: str, objective: str):
-    return make_objective(objective, max(2, MODELS[name].default_particles), alpha=0.5)
+    return make_objective(objective, objective_spec(objective).fixed_particles or max(2, MODELS[name].default_particles),
+                          alpha=0.5)
 
 
 def train_ours(model: Family, objective, batches) -> None:
@@ -239,7 +241,7 @@ def test_importing_and_using_the_package_leaves_a_users_pyro_code_as_it_was(tmp_
     assert all(state == first for state in later)
 
 
-@pytest.mark.parametrize("name", PAIR_FAMILIES)
+@pytest.mark.parametrize("name", NET_FAMILIES)
 def test_images_off_the_likelihoods_support_are_refused_in_one_line_from_svi(name, data):
     from pyro_vae.errors import DataError
 

@@ -12,7 +12,7 @@ from pyro_vae import MODELS, OBJECTIVES, TrainConfig, VAE, VAEConfig, fit, load_
 from pyro_vae.data import Dataset
 from pyro_vae.errors import ConfigError, Interrupted, RunError, TrainingDiverged
 
-from helpers import PAIR_FAMILIES, signal_during_batch
+from helpers import signal_during_batch
 
 SMALL = {"z_dim": 2, "hidden": (16,)}
 
@@ -197,7 +197,8 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
     assert "--" not in str(refused.value) and "--epochs N" in refused.value.cli_message()
 
 
-PAIRS = [(name, objective) for name in PAIR_FAMILIES for objective in MODELS[name].objectives]
+# the families with a density: the GAN's valid_bound is its game's value, not a bound (tests/test_gan.py)
+PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) if cls.has_density for objective in cls.objectives]
 
 
 # small networks for the tiny 8x8 data; the SSVAE, ADGM and M1+M2 with four classes and two labels each
@@ -205,12 +206,13 @@ PAIRS = [(name, objective) for name in PAIR_FAMILIES for objective in MODELS[nam
 SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8},
                  "adgm": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "a_dim": 2},
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
-                          "m1_hidden": (16,), "m1_epochs": 2}}
+                          "m1_hidden": (16,), "m1_epochs": 2},
+                 "sbn": {"layers": (16,)}}
 
 
 @pytest.mark.parametrize("model_name,objective", PAIRS)
 def test_every_model_trains_with_each_of_its_objectives(model_name, objective, tiny_labelled, tmp_path):
-    train = config(tiny_labelled, epochs=3, objective=objective, particles=2)
+    train = config(tiny_labelled, epochs=3, objective=objective, particles=OBJECTIVES[objective].fixed_particles or 2)
     run = fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), train, tmp_path / "run", device="cpu")
     bounds = [row["valid_bound"] for row in run.history]
     assert bounds[-1] > bounds[0], bounds

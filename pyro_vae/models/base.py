@@ -14,6 +14,13 @@ vectors) from its config dataclass. It declares:
   ``decode_mean(z)`` (its mean, for pictures), ``sample``, ``reconstruct``, ``device``;
 - capability flags (``has_clusters``, ``has_classes``, ``has_encoder``, ``has_density``)
   that the CLI reads instead of probing for methods;
+- ``global_latents(config)``: whether a model of this config has latents outside the data
+  plate (False by default: every latent in it). Such sites (the weights of a Bayesian
+  network, ``bayesian``) are marked ``infer[keyed.GLOBAL]`` in model and guide and scaled
+  by batch / N, so that a step's ELBO estimates the whole training set's (times N /
+  batch); only the objectives whose spec says ``trains_global_latents`` (the ELBOs) may
+  train them, and the evaluator draws them inside each importance weight, leaving their
+  prior / guide ratio out of the per-datapoint weights (``bounds``);
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the semi-supervised families override the batches and the pair's arguments,
   the GMVAE the figures); what is scored after each epoch (``epoch_scores``) and drawn
@@ -135,6 +142,11 @@ class Family(PyroModule):
         self.likelihood = make_likelihood(c.likelihood, self.x_dim, c.likelihood_config())
         self.decoder = make_decoder(c.decoder, in_dim, self.image_shape, self.x_dim,
                                     self.likelihood.params_per_value, hidden, c.activation)
+
+    @classmethod
+    def global_latents(cls, config: Any) -> bool:
+        """Whether a model of ``config`` has global latents (see the module docstring)."""
+        return False
 
     @classmethod
     def check_config(cls, config: Any) -> None:

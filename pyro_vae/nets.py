@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -290,3 +291,83 @@ def make_classifier(name: str, image_shape: ImageShape | None, x_dim: int, hidde
     body = make_encoder(name, image_shape, x_dim, hidden, act)
     layers = list(body) if isinstance(body, nn.Sequential) else [body]
     return nn.Sequential(*layers, nn.Linear(body.out_dim, classes))
+
+
+# ----------------------------------------------------------------- networks over sentences
+
+#: the recurrent cells of the sequence networks, by name (``--cell``)
+CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each row of (N, T, ...) ``x`` with its first ``lengths[i]`` entries in reverse order
+    and the padding after them left in place: the input of a backward reader that starts
+    at the last real token (plain tensor indexing, so it traces)."""
+    t = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class SequenceEncoder(nn.Module):
+    """Word embeddings read by a recurrent cell; the features of a sentence are the
+    cell's output at its last token (``<eos>``), and with ``bidirectional`` beside them a
+    second cell's output after reading the sentence backwards. ``out_dim`` features."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int, cell: str, bidirectional: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.forward_rnn = CELLS[cell](embed, hidden, batch_first=True)
+        self.backward_rnn = CELLS[cell](embed, hidden, batch_first=True) if bidirectional else None
+        self.out_dim = hidden * (2 if bidirectional else 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(N, T) padded ids and their (N,) lengths -> (N, out_dim)."""
+        e = self.embed(x)
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1)
+        out, _ = self.forward_rnn(e)
+        features = [out.gather(1, last.expand(-1, 1, out.shape[-1])).squeeze(1)]
+        if self.backward_rnn is not None:
+            back, _ = self.backward_rnn(reverse_padded(e, lengths))
+            features.append(back.gather(1, last.expand(-1, 1, back.shape[-1])).squeeze(1))
+        return torch.cat(features, -1)
+
+
+class SequenceDecoder(nn.Module):
+    """A recurrent language model over word embeddings, conditioned on a code z of
+    ``z_dim`` values (none when 0) through its initial state (a linear map of z; for an
+    LSTM, the hidden and the cell state) and, with ``every_step``, beside every input
+    word. Returns the logits of each next token."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int, cell: str, z_dim: int = 0, every_step: bool = False):
+        super().__init__()
+        self.cell, self.hidden, self.z_dim = cell, hidden, z_dim
+        self.every_step = every_step and z_dim > 0
+        self.embed = nn.Embedding(vocab, embed)
+        self.rnn = CELLS[cell](embed + (z_dim if self.every_step else 0), hidden, batch_first=True)
+        states = 2 if cell == "lstm" else 1
+        self.init = nn.Linear(z_dim, states * hidden) if z_dim else None
+        self.out = nn.Linear(hidden, vocab)
+
+    def initial_state(self, z: torch.Tensor | None, n: int) -> Any:
+        """The cell's state before the first token for ``n`` sentences (zero without z)."""
+        if self.init is None:
+            h = self.out.weight.new_zeros(1, n, self.hidden)
+            return (h, h) if self.cell == "lstm" else h
+        h = self.init(z).unsqueeze(0)
+        return tuple(h.chunk(2, -1)) if self.cell == "lstm" else h
+
+    def step(self, inputs: torch.Tensor, z: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, Any]:
+        """The cell's outputs (N, T, hidden) after (N, T) ``inputs``, and its state after them."""
+        e = self.embed(inputs)
+        if self.every_step:
+            e = torch.cat([e, z.unsqueeze(1).expand(-1, e.shape[1], -1)], -1)
+        return self.rnn(e, state)
+
+    def states(self, inputs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) input ids and (N, z_dim) codes -> (N, T, hidden) outputs, whose ``out``
+        gives the logits of each next token."""
+        return self.step(inputs, z, self.initial_state(z, inputs.shape[0]))[0]
+
+    def forward(self, inputs: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) input ids and (N, z_dim) codes -> (N, T, vocab) logits."""
+        return self.out(self.states(inputs, z))

@@ -35,9 +35,11 @@ from . import plots
 from .distributed import PeerLost, World, current as current_world
 from .keyed import fold
 from .config import MAX_SEED, check_fields, config_from_dict, option
-from .data import BINARIZATIONS, DATASETS, LAYOUTS, Dataset, load_dataset, random_rows
+from .data import BINARIZATIONS, DATASETS, DEFAULT_MAX_LENGTH, LAYOUTS, Dataset, is_text_source, load_dataset, random_rows
+from .text import MIN_WORDS
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, model_class
+from .models.base import objective_bound  # noqa: F401  (a public name of this module before it moved)
 from .objectives import OBJECTIVES, make_objective, objective_spec
 from .compiled import CompiledLoss, rng_state, set_rng_state
 from .runs import RunDir, check_writable, load_model_state
@@ -52,6 +54,8 @@ CURVES_SECONDS = 30.0
 #: when the figures are drawn (``TrainConfig.figures``)
 FIGURE_TIMES = ("every", "end", "none")
 BURDA_STAGES = 8  # Burda et al. 2016: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7
+KL_SCHEDULES = ("linear", "sigmoid", "cyclical")
+SIGMOID_SLOPE = 10.0  # the sigmoid warm-up runs from sigmoid(-5) to sigmoid(5) of beta
 
 Log = Callable[[str], None]
 
@@ -60,14 +64,25 @@ Log = Callable[[str], None]
 class TrainConfig:
     """How to train. The model's shape lives in its own config (e.g. ``VAEConfig``)."""
 
-    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASETS) + ") or a .npy/.npz file of "
-                          "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D)")
+    dataset: str = option("mnist", "a dataset name (" + ", ".join(DATASETS) + "), a .npy/.npz file of "
+                          "images (N, H, W), (N, H, W, C), (N, C, H, W) or vectors (N, D), or a text corpus: "
+                          "a .txt file of one sentence per line, or a folder of train.txt, valid.txt, test.txt")
     binarize: str | None = option(None, "dynamic: Bernoulli draw per epoch; threshold: > 0.5; none: data as "
                                   "they are (default: the dataset's for --likelihood bernoulli, else none)",
                                   BINARIZATIONS)
     layout: str = option("auto", "how a 4-d user array is laid out: channels last (nhwc) or first (nchw)",
                          LAYOUTS)
-    valid_fraction: float = option(0.1, "share of an array dataset held out for validation", above=0, below=1)
+    valid_fraction: float = option(0.1, "share of an array dataset or text file held out for validation",
+                                   above=0, below=1)
+    vocab_size: int | None = option(None, "text: keep at most this many of the training split's most frequent "
+                                    "words (default: all), besides <pad> <bos> <eos> <unk>", at_least=MIN_WORDS)
+    min_count: int = option(1, "text: keep only words seen at least this often in the training split; the "
+                            "others read as <unk>", at_least=1)
+    max_length: int = option(DEFAULT_MAX_LENGTH, "text: sentences of more words than this are left out of every "
+                             "split (how many is said when the data load)", at_least=1)
+    train_size: int | None = option(None, "train on this many items of the training split, drawn at random with "
+                                    "--seed (default: all); a text corpus's vocabulary is still the whole "
+                                    "split's", at_least=1)
     epochs: int = option(100, "passes over the training split", at_least=1)
     batch_size: int = option(100, "images per step", at_least=1)
     lr: float = option(1e-3, "Adam's learning rate", above=0)
@@ -83,7 +98,12 @@ class TrainConfig:
                              "(its own draws, reweighted) and the rest of the sleep phase's (the model's draws); "
                              "0 = sleep only", at_least=0, at_most=1)
     beta: float = option(1.0, "weight of the KL term", above=0)
-    kl_warmup: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", at_least=0)
+    kl_warmup: float = option(0.0, "epochs of KL warm-up from 0 to beta (its shape: --kl-schedule)", at_least=0)
+    kl_schedule: str = option("linear", "the KL weight's schedule. linear: from 0 to beta over --kl-warmup epochs; "
+                              "sigmoid: a logistic curve over them (Bowman et al. 2016); cyclical: Fu et al. "
+                              "2019, --kl-cycles cycles over the run, each rising linearly from 0 to beta in its "
+                              "first half and staying at beta in the second", KL_SCHEDULES)
+    kl_cycles: int = option(4, "cycles of --kl-schedule cyclical", at_least=1)
     grad_clip: float | None = option(None, "clip the global gradient norm to this", above=0)
     seed: int = option(0, "seed of the weights, the batches and the binarization", at_least=0, at_most=MAX_SEED)
     eval_size: int = option(10_000, "train and validation images scored after each epoch", at_least=1)
@@ -100,9 +120,18 @@ class TrainConfig:
                            "saying why, where it cannot apply)")
 
     def load_data(self, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
-        """The dataset this config trains on, binarized and split as it says."""
-        return load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
-                            self.layout)
+        """The dataset this config trains on, binarized and split as it says (and its
+        training split cut to ``train_size`` items)."""
+        data = load_dataset(self.dataset, data_dir, self.binarize, self.valid_fraction, download, self.seed,
+                            self.layout, self.vocab_size, self.min_count, self.max_length)
+        if self.train_size is not None:
+            rows = random_rows(len(data.splits["train"]), self.train_size, self.seed).sort().values
+            data.splits["train"] = data.splits["train"][rows]
+            if "train" in data.labels:
+                data.labels["train"] = data.labels["train"][rows]
+            data.note = "; ".join(n for n in (data.note, f"training on {len(rows)} items of the training split "
+                                              f"(--train-size {self.train_size})") if n)
+        return data
 
     def check(self) -> None:
         """Reject values that cannot work, with the option's name in the message: the
@@ -114,8 +143,8 @@ class TrainConfig:
                               f"got {self.lr_decay!r}", lr_decay=Flag("lr_decay"),
                               schedule=Flag("lr_schedule", "burda"))
         if self.objective is not None:
-            objective_spec(self.objective).check(self.alpha, self.beta, self.kl_warmup, self.particles,
-                                                 self.insomnia)
+            annealed = self.kl_warmup if self.kl_schedule != "cyclical" else 1.0
+            objective_spec(self.objective).check(self.alpha, self.beta, annealed, self.particles, self.insomnia)
 
 
 @dataclass
@@ -147,6 +176,9 @@ class Run:
         if data.x_dim != self.model.x_dim:
             raise DataError(f"{data.name} now has {data.x_dim} values per item, but the model of {self.dir.path} "
                             f"was built for {self.model.x_dim}: the dataset changed since the run was trained")
+        if data.vocab != self.config.data.vocab:
+            raise DataError(f"{data.name} now gives another vocabulary than the one saved with {self.dir.path}: "
+                            "the corpus changed since the run was trained")
         return data
 
 
@@ -204,17 +236,21 @@ FULL_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, 
 @dataclass(frozen=True)
 class DataInfo:
     """The data a run trains on, as config.json records them: the dataset's name, values
-    per item, binarization and image shape (C, H, W), None for vectors. The model is built
-    for this shape, and a dataset that no longer has it is refused."""
+    per item, binarization and image shape (C, H, W), None for vectors; for text, the kind
+    and the vocabulary (its words by id: saved with the run). The model is built for this
+    shape, and a dataset that no longer has it is refused."""
 
     name: str
     x_dim: int
     binarize: str | None
     image_shape: tuple[int, ...] | None = None
+    kind: str = "image"
+    vocab: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, data: Dataset) -> DataInfo:
-        return cls(data.name, data.x_dim, data.binarize, tuple(data.image_shape) if data.image_shape else None)
+        return cls(data.name, data.x_dim, data.binarize, tuple(data.image_shape) if data.image_shape else None,
+                   data.kind, data.vocab)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -222,8 +258,11 @@ class DataInfo:
         return self.image_shape or (self.x_dim,)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "x_dim": self.x_dim, "binarize": self.binarize,
-                "image_shape": list(self.image_shape) if self.image_shape else None}
+        record = {"name": self.name, "x_dim": self.x_dim, "binarize": self.binarize,
+                  "image_shape": list(self.image_shape) if self.image_shape else None}
+        if self.kind != "image":  # the records of image runs stay as they were
+            record.update(kind=self.kind, vocab=list(self.vocab) if self.vocab is not None else None)
+        return record
 
 
 @dataclass(frozen=True)
@@ -257,7 +296,8 @@ class RunConfig:
         family = config_from_dict(model_class(config["model"]).Config, config["model_config"], where)
         data = config["data"]
         info = DataInfo(data.get("name", ""), data["x_dim"], data.get("binarize"),
-                        tuple(data["image_shape"]) if data.get("image_shape") else None)
+                        tuple(data["image_shape"]) if data.get("image_shape") else None,
+                        data.get("kind", "image"), tuple(data["vocab"]) if data.get("vocab") is not None else None)
         return cls(config["model"], family, config_from_dict(TrainConfig, config["train"], where), info)
 
 
@@ -282,7 +322,9 @@ def resolve(name: str, model_config: Any = None, train: TrainConfig | None = Non
         objective=objective,
         particles=default_particles if train.particles is None else train.particles,
         binarize="none" if train.binarize is None and family.likelihood != "bernoulli" else train.binarize,
-        dataset=str(Path(train.dataset).resolve()) if train.dataset.endswith((".npy", ".npz")) else train.dataset)
+        dataset=str(Path(train.dataset).resolve())
+        if train.dataset not in DATASETS and (train.dataset.endswith((".npy", ".npz")) or is_text_source(train.dataset))
+        else train.dataset)
     train.check()
     if train.objective not in cls.objectives:
         spec = objective_spec(train.objective)
@@ -525,9 +567,26 @@ class Session:
         )
 
     def kl_weight(self, step: int) -> float:
-        """beta, reached linearly over the first ``kl_warmup`` epochs."""
-        warmup_steps = self.train.kl_warmup * self.steps_per_epoch
-        return self.train.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else self.train.beta
+        """The KL weight of 0-based ``step`` under ``kl_schedule`` (see ``TrainConfig``)."""
+        return kl_weight(self.train, step, self.steps_per_epoch)
+
+
+def kl_weight(train: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """beta, reached over the first ``kl_warmup`` epochs linearly or along a sigmoid, or
+    Fu et al.'s cyclical schedule: ``kl_cycles`` equal cycles over all the run's steps,
+    each rising linearly from 0 (at its first step) to beta half-way and then flat."""
+    beta = train.beta
+    if train.kl_schedule == "cyclical":
+        period = train.epochs * steps_per_epoch / train.kl_cycles
+        return beta * min(1.0, (step % period) / (period / 2))
+    warmup_steps = train.kl_warmup * steps_per_epoch
+    if not warmup_steps:
+        return beta
+    if train.kl_schedule == "sigmoid":
+        if step + 1 >= warmup_steps:
+            return beta
+        return beta / (1 + math.exp(-SIGMOID_SLOPE * ((step + 1) / warmup_steps - 0.5)))
+    return beta * min(1.0, (step + 1) / warmup_steps)
 
 
 def _check_shares(world: World, batch_size: int) -> None:

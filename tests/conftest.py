@@ -34,6 +34,17 @@ def tiny_npy(tmp_path) -> Path:
 
 
 @pytest.fixture
+def tiny_text(tmp_path) -> Path:
+    """A corpus of 150 short sentences over 8 words with a pattern (each sentence one of
+    three templates), one per line."""
+    rng = np.random.default_rng(0)
+    templates = [["the", "cat", "sat", "on", "a", "mat"], ["a", "dog", "ran"], ["the", "big", "dog", "sat"]]
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(" ".join(templates[rng.integers(3)]) for _ in range(150)) + "\n")
+    return path
+
+
+@pytest.fixture
 def tiny_labelled(tmp_path) -> Path:
     """The tiny images with their classes: train (200) and test (40) splits."""
     images, labels = make_binary_images(240, seed=1, with_labels=True)

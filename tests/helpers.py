@@ -100,6 +100,24 @@ FAMILY = {"ssvae": {"classifier_hidden": (24,), "classes": 2, "labels": 4},
           "m1m2": {"classifier_hidden": (24,), "classes": 2, "labels": 4, "m1_z_dim": 4, "m1_hidden": (24,)}}
 
 
+# the text families at sizes for tests, on sentences of up to 6 words over a 12-word vocabulary
+TEXT_FAMILY = {"sentence-vae": {"embed": 8, "hidden": 12, "z_dim": 3, "word_dropout": 0.3},
+               "rnnlm": {"embed": 8, "hidden": 12, "word_dropout": 0.3}}
+TEXT_VOCAB = 12
+#: the families that the generic pair tests build: from ``NETS`` (images) or ``TEXT_FAMILY``
+PAIR_FAMILIES = sorted(NET_FAMILIES + list(TEXT_FAMILY))
+
+
+def toy_sentences(n: int, width: int = 7, seed: int = 0) -> torch.Tensor:
+    """(n, width) padded token ids: 1 to width - 1 random words (ids 4..11), <eos>, <pad>."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, width, dtype=torch.long)
+    for i, length in enumerate(torch.randint(1, width, (n,), generator=gen).tolist()):
+        x[i, :length] = torch.randint(4, TEXT_VOCAB, (length,), generator=gen)
+        x[i, length] = 2
+    return x
+
+
 def toy_images(n: int, shape=SHAPE, seed: int = 0, binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Two prototypes of grey levels k/255 with noise, flattened (n, C*H*W), and the
     prototype of each image as its label."""

@@ -14,20 +14,24 @@ from pyro_vae import MODELS, TrainConfig, build_model, estimate_bounds, fit, loa
 from pyro_vae.compiled import Compiled, CompiledLoss, traceable_pyro
 from pyro_vae.models.vae import VAE
 
-from helpers import FAMILY, NET_FAMILIES, NETS, invoke, toy_images
+from helpers import FAMILY, NETS, PAIR_FAMILIES, TEXT_FAMILY, TEXT_VOCAB, invoke, toy_images, toy_sentences
 
-CASES = [(family, objective, "mlp", "diagonal") for family in NET_FAMILIES
+CASES = [(family, objective, "mlp", "diagonal") for family in PAIR_FAMILIES
          for objective in MODELS[family].objectives if objective not in ("dreg", "wake-sleep")]
 CASES += [("vae", "meanfield", "conv", "diagonal"), ("gmvae", "enum", "conv", "diagonal"),
           ("ssvae", "enum", "conv", "diagonal"), ("vae", "trace", "mlp", "iaf"), ("iwae", "iwae", "mlp", "planar")]
 
 
 def family(name, net="mlp", guide="diagonal", **extra):
+    if MODELS[name].data_kind == "text":
+        return build_model(name, TEXT_VOCAB, {**TEXT_FAMILY[name], **extra})
     return build_model(name, (1, 8, 8), {**NETS, **FAMILY.get(name, {}), "encoder": net, "decoder": net,
                                          "guide": guide, "flow_length": 2, **extra})
 
 
 def batches(model, n=3, size=12, seed=0):
+    if model.data_kind == "text":
+        return [(x,) for x in toy_sentences(n * size, seed=seed).view(n, size, -1)]
     x, y = toy_images(n * size, seed=seed, binary=True)
     x, y = x.view(n, size, -1), y.view(n, size)
     if model.has_classes:
@@ -161,12 +165,12 @@ def test_warm_up_steps_run_eagerly_and_the_constant_weight_compiled():
     assert len(compiled.compiled.traces) == 1 and compiled.compiled.graph_calls == 3
 
 
-@pytest.mark.parametrize("name,net", [(name, "mlp") for name in NET_FAMILIES] + [("gmvae", "conv")])
+@pytest.mark.parametrize("name,net", [(name, "mlp") for name in PAIR_FAMILIES] + [("gmvae", "conv")])
 def test_compiled_evaluator_equals_eager_per_image(name, net):
     """Keyed draws, 31 images in batches of 10 (a short last one), 40 particles in chunks
     of 10 or fewer: every per-image number is eager code's to the bit."""
     model = family(name, net).eval()
-    x, _ = toy_images(31, seed=2, binary=True)
+    x = toy_sentences(31, seed=2) if model.data_kind == "text" else toy_images(31, seed=2, binary=True)[0]
     notices = []
     common = dict(seed=4, batch_size=10, max_rows=100)
     eager = estimate_bounds(model.model, model.guide, x, 40, **common)
@@ -174,8 +178,9 @@ def test_compiled_evaluator_equals_eager_per_image(name, net):
     for field in ("elbo", "elbo_se", "log_lik", "log_px", "log_px_se", "k_hat", "jackknife"):
         assert torch.equal(getattr(eager, field).nan_to_num(), getattr(compiled, field).nan_to_num()), field
     assert all(torch.equal(eager.iwae[k], compiled.iwae[k]) for k in eager.iwae)
-    assert [n.split(" in ")[0] for n in notices] == ["traced the evaluator chunk for inputs (10x64, 10, scalar)",
-                                                      "traced the evaluator chunk for inputs (1x64, 1, scalar)"]
+    width = x.shape[1]
+    assert [n.split(" in ")[0] for n in notices] == [f"traced the evaluator chunk for inputs (10x{width}, 10, scalar)",
+                                                      f"traced the evaluator chunk for inputs (1x{width}, 1, scalar)"]
 
 
 def test_the_evaluator_without_a_module_method_says_it_runs_eagerly():

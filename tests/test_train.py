@@ -207,12 +207,22 @@ SMALL_CONFIGS = {"ssvae": {**SMALL, "classifier_hidden": (16,), "classes": 4, "l
                  "adgm": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "a_dim": 2},
                  "m1m2": {**SMALL, "classifier_hidden": (16,), "classes": 4, "labels": 8, "m1_z_dim": 4,
                           "m1_hidden": (16,), "m1_epochs": 2},
-                 "sbn": {"layers": (16,)}}
+                 "sbn": {"layers": (16,)},
+                 # the text families, on a corpus of short sentences
+                 "sentence-vae": {"z_dim": 2, "embed": 8, "hidden": 16}, "rnnlm": {"embed": 8, "hidden": 16}}
+
+
+@pytest.fixture
+def tiny_data(request, tiny_labelled):
+    """The tiny data of the kind the test's family models: labelled images, or text."""
+    if MODELS[request.getfixturevalue("model_name")].data_kind == "text":
+        return request.getfixturevalue("tiny_text")
+    return tiny_labelled
 
 
 @pytest.mark.parametrize("model_name,objective", PAIRS)
-def test_every_model_trains_with_each_of_its_objectives(model_name, objective, tiny_labelled, tmp_path):
-    train = config(tiny_labelled, epochs=3, objective=objective, particles=OBJECTIVES[objective].fixed_particles or 2)
+def test_every_model_trains_with_each_of_its_objectives(model_name, objective, tiny_data, tmp_path):
+    train = config(tiny_data, epochs=3, objective=objective, particles=OBJECTIVES[objective].fixed_particles or 2)
     run = fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), train, tmp_path / "run", device="cpu")
     bounds = [row["valid_bound"] for row in run.history]
     assert bounds[-1] > bounds[0], bounds
@@ -221,9 +231,9 @@ def test_every_model_trains_with_each_of_its_objectives(model_name, objective, t
 @pytest.mark.parametrize("model_name,objective",
                          [(n, o) for n, cls in sorted(MODELS.items()) for o in sorted(OBJECTIVES)
                           if o not in cls.objectives])
-def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, objective, tiny_labelled, tmp_path):
+def test_an_objective_a_model_cannot_use_is_refused_before_training(model_name, objective, tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=f"{model_name} cannot be trained with objective='{objective}'"):
-        fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), config(tiny_labelled, objective=objective),
+        fit(model_name, SMALL_CONFIGS.get(model_name, SMALL), config(tiny_data, objective=objective),
             tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()
 

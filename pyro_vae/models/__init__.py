@@ -12,11 +12,12 @@ from .gan import GAN, GANConfig
 from .gmvae import GMVAE, GMVAEConfig
 from .m1m2 import M1M2, M1M2Config
 from .sbn import SBN, SBNConfig
+from .sentence_vae import RNNLM, RNNLMConfig, SentenceVAE, SentenceVAEConfig
 from .ssvae import SSVAE, SSVAEConfig
 from .vae import IWAE, VAE, VAEConfig
 
 MODELS: dict[str, type[Family]] = {"vae": VAE, "iwae": IWAE, "gmvae": GMVAE, "ssvae": SSVAE, "m1m2": M1M2, "adgm": ADGM,
-                                   "sbn": SBN, "gan": GAN}
+                                   "sbn": SBN, "sentence-vae": SentenceVAE, "rnnlm": RNNLM, "gan": GAN}
 
 
 def model_class(name: str) -> type[Family]:
@@ -34,5 +35,6 @@ def build_model(name: str, shape: tuple[int, ...] | int, config: dict[str, Any] 
     return cls(shape, config_from_dict(cls.Config, config or {}))
 
 
-__all__ = ["ADGM", "ADGMConfig", "Family", "GAN", "GANConfig", "GMVAE", "GMVAEConfig", "IWAE", "M1M2", "M1M2Config", "MODELS", "NetsConfig", "SBN", "SBNConfig", "SSVAE", "SSVAEConfig", "VAE",
+__all__ = ["ADGM", "ADGMConfig", "Family", "GAN", "GANConfig", "GMVAE", "GMVAEConfig", "IWAE", "M1M2", "M1M2Config", "MODELS", "NetsConfig",
+           "RNNLM", "RNNLMConfig", "SBN", "SBNConfig", "SSVAE", "SSVAEConfig", "SentenceVAE", "SentenceVAEConfig", "VAE",
            "VAEConfig", "build_model", "config_from_dict", "model_class"]

@@ -24,7 +24,15 @@ vectors) from its config dataclass. It declares:
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the semi-supervised families override the batches and the pair's arguments,
   the GMVAE the figures); what is scored after each epoch (``epoch_scores``) and drawn
-  from its history (``curves``); the optimizer's Adam betas (``adam_betas``).
+  from its history (``curves``); the optimizer's Adam betas (``adam_betas``);
+- the kind of data it models (``data_kind``, one of ``data.KINDS``): ``check_data``
+  refuses a dataset of another kind in one line. Image families take (N, D) batches of
+  values in [0, 1]; the text families (``sentence_vae.py``) take (N, W) batches of padded
+  token ids, their lengths read off the padding, with the likelihood masked there. A
+  family of a new kind overrides ``check_data``, ``init_from_data`` and
+  ``training_batches`` for it, and ``add_units`` (what the evaluator reports beside nats
+  per item: bits per dimension by default, perplexity for text). ``score_rows`` says how
+  many items the loop's per-epoch scores put through the networks at once.
 
 A model without an amortized posterior or a likelihood of its own (the GAN) keeps the
 contract: its ``guide`` is its prior (a valid, loose, importance sampler, so every bound
@@ -57,6 +65,7 @@ from ..bounds import estimate_bounds
 from ..config import check_fields, option
 from ..data import Dataset
 from ..errors import ConfigError, Flag
+from ..metrics import add_bits_per_dim
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
@@ -69,9 +78,11 @@ OBSERVATIONS = ("gaussian",)
 
 
 @torch.no_grad()
-def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """Minus the objective at KL weight 1 on ``x``, in nats per image."""
+def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int | None = None) -> float:
+    """Minus the objective at KL weight 1 on ``x``, in nats per image (``batch_size``
+    items at a time, by default the family's ``score_rows``)."""
     total = 0.0
+    batch_size = batch_size or model.score_rows
     with pyro.validation_enabled(False), own_parameters():  # the model was checked on its first training step
         for i in range(0, x.shape[0], batch_size):
             total += objective.loss(model.model, model.guide, x[i : i + batch_size])
@@ -81,7 +92,7 @@ def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int
 def elbo_terms(model: Any, x: torch.Tensor) -> dict[str, float]:
     """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
     draw per image (nats per image), for the curves."""
-    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=1000, max_rows=1000)
+    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=model.score_rows, max_rows=model.score_rows)
     return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
 
 
@@ -120,6 +131,8 @@ class Family(PyroModule):
     evaluate_hint: ClassVar[str] = "--iw 5000"  # the options of the evaluate command to suggest
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)  # torch's defaults
     figure_samples: ClassVar[int] = 64  # images in the grids of samples drawn during training
+    data_kind: ClassVar[str] = "image"  # the kind of dataset it models (data.KINDS)
+    score_rows: ClassVar[int] = 1000  # items per pass of the loop's per-epoch scores
 
     likelihood: Likelihood
     decoder: torch.nn.Module
@@ -204,10 +217,18 @@ class Family(PyroModule):
 
     # --- hooks of the training loop ------------------------------------------------------
 
+    def check_kind(self, data: Dataset) -> None:
+        """Refuse, in one line, a dataset of another kind than the family's."""
+        if data.kind != self.data_kind:
+            raise ConfigError(f"{data.name} is {data.kind} data, but {type(self).__name__} models {self.data_kind} "
+                              "data; choose a family for it (pyro-vae fit --help lists them) or another {dataset}",
+                              dataset=Flag("dataset"))
+
     def check_data(self, data: Dataset, seed: int) -> None:
         """Refuse data this family cannot train on, before the run directory is made: the
-        data's shape must be the model's, and what the decoder sees must lie in the
-        likelihood's support."""
+        data's kind and shape must be the model's, and what the decoder sees must lie in
+        the likelihood's support."""
+        self.check_kind(data)
         if data.x_dim != self.x_dim:
             raise ConfigError(f"{data.name} has {data.x_dim} values per item; this model was built for {self.x_dim}")
         if data.binarize == "none":
@@ -271,6 +292,11 @@ class Family(PyroModule):
             raise ConfigError(f"{{observation}} and {{sigma}} give a model without a density one to score by; "
                               f"this {type(self).__name__} has its own likelihood p(x | z) ({self.likelihood.name})",
                               observation=Flag("observation"), sigma=Flag("sigma"))
+    def add_units(self, summary: dict[str, Any], x: torch.Tensor) -> None:
+        """Add to the evaluator's ``summary`` of ``x`` its bounds in the units of this
+        family's data: bits per dimension for likelihoods of discrete values."""
+        if self.likelihood.discrete:
+            add_bits_per_dim(summary, x.shape[1])
 
     def metrics(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         """Scores beyond the bounds (e.g. a classifier's accuracy), logged per epoch on

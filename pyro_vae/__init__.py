@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # the names for type checkers and readers; at run time __geta
     from .errors import PyroVAEError
     from .guides import GUIDES, make_flow
     from .likelihoods import LIKELIHOODS, make_likelihood
-    from .models import (ADGM, DRAW, GMVAE, IWAE, M1M2, MODELS, SBN, SSVAE, VAE, Family, GMVAEConfig, NetsConfig,
-                         SSVAEConfig, VAEConfig, ADGMConfig, DRAWConfig, M1M2Config, SBNConfig, build_model)
+    from .models import (ADGM, DRAW, GAN, GMVAE, IWAE, M1M2, MODELS, SBN, SSVAE, VAE, Family, GANConfig, GMVAEConfig,
+                         NetsConfig, SSVAEConfig, VAEConfig, ADGMConfig, DRAWConfig, M1M2Config, SBNConfig, build_model)
     from .nets import DECODERS, ENCODERS
     from .pair import own_parameters
     from .objectives import OBJECTIVES, ObjectiveSpec, RenyiObjective, WakeSleepObjective, make_objective
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the names for type checkers and readers; at run time __geta
 _MODULES = {
     "BoundEstimates": "bounds", "estimate_bounds": "bounds", "log_weights": "bounds", "CompiledLoss": "compiled",
     "Dataset": "data", "load_dataset": "data", "PyroVAEError": "errors", "GUIDES": "guides", "make_flow": "guides",
-    "LIKELIHOODS": "likelihoods", "make_likelihood": "likelihoods", "ADGM": "models", "GMVAE": "models",
+    "LIKELIHOODS": "likelihoods", "make_likelihood": "likelihoods", "ADGM": "models", "GAN": "models", "GANConfig": "models", "GMVAE": "models",
     "IWAE": "models", "M1M2": "models", "MODELS": "models", "SSVAE": "models", "VAE": "models", "Family": "models",
     "GMVAEConfig": "models", "NetsConfig": "models", "SSVAEConfig": "models", "VAEConfig": "models",
     "ADGMConfig": "models", "DRAW": "models", "DRAWConfig": "models", "M1M2Config": "models", "SBN": "models",

@@ -30,6 +30,7 @@ from .config import MAX_SEED, is_nested
 from .errors import ConfigError, Flag, Interrupted, PyroVAEError
 from .runs import atomic_write, check_writable, write_json, write_npy, write_npz
 from .models import MODELS
+from .models.base import OBSERVATIONS
 from .objectives import objective_spec
 from .metrics import cluster_accuracy
 from .train import TrainConfig, load_run, resolve, resume as resume_run, start as start_run
@@ -215,8 +216,8 @@ def _make_fit_command(name: str, cls: type) -> click.Command:
                             progress=not opts["quiet"] and sys.stderr.isatty(), overwrite=opts["overwrite"])
         final = run.history[-1]
         if world.main:
-            click.echo(f"done: {run.dir.path}  valid bound {final['valid_bound']:.2f} nats/image; "
-                       f"next: pyro-vae evaluate {run.dir.path} --iw 5000")
+            click.echo(f"done: {run.dir.path}  valid {cls.score_name} {final['valid_bound']:.2f} nats/image; "
+                       f"next: pyro-vae evaluate {run.dir.path} {cls.evaluate_hint}")
 
     params = _options_from_dataclass(cls.Config) + _options_from_dataclass(TrainConfig) + [
         click.Option(["--run-dir"], type=click.Path(file_okay=False),
@@ -282,11 +283,16 @@ for _name, _cls in MODELS.items():
               help="where AIS starts: the guide q(z | x), or the model's prior (needed for a flow guide)")
 @click.option("--bdmc", type=click.IntRange(min=1),
               help="also BDMC on this many images simulated from the model, at T = --ais (1000 when not given)")
+@click.option("--observation", type=click.Choice(OBSERVATIONS),
+              help="for a model without a density (gan): score it by this observation model p(x | z); "
+                   "gaussian: N(G(z), sigma^2 I), Wu et al. 2017")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
+              help="the standard deviation of --observation gaussian")
 @shared(*RUNTIME, "backend", "threads")
 def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: str, batch_size: int,
              max_rows: int, seed: int, output: str | None, compile: bool, ais: int | None, chains: int,
-             leapfrog: int, ais_start: str, bdmc: int | None, data_dir: str | None, device: str,
-             download: bool, backend: str, threads: int | None) -> None:
+             leapfrog: int, ais_start: str, bdmc: int | None, observation: str | None, sigma: float | None,
+             data_dir: str | None, device: str, download: bool, backend: str, threads: int | None) -> None:
     """Estimate ELBO, the IWAE-k sweep and log p(x) per image, with K importance samples.
     Each image's draws are keyed by the seed and its row in the split, so its estimates do
     not depend on --batch-size, --max-rows, --limit or the number of processes. With
@@ -303,7 +309,8 @@ def evaluate(run_dir: str, iw: int, split: str, limit: int | None, checkpoint: s
             raise ConfigError("{ais} and {bdmc} run in one process: start without torchrun",
                               ais=Flag("ais"), bdmc=Flag("bdmc"))
         run = load_run(run_dir, checkpoint, device)
-        out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint, ais, bdmc)
+        run.model.set_observation(observation, sigma)
+        out = Path(output) if output else evaluation_path(run, split, iw, limit, checkpoint, ais, bdmc, sigma)
         with world.together():
             if world.main:
                 check_writable(out)  # before minutes of work, not after
@@ -390,6 +397,7 @@ def reconstruct(run_dir: str, num: int, split: str, checkpoint: str, seed: int, 
     """Show random images of a split beside their reconstructions; for text, print each
     sentence, the decode of its posterior mean and of three draws, and a homotopy."""
     run = load_run(run_dir, checkpoint, device)
+    _needs_encoder(run, "reconstruct")
     if run.config.data.kind == "text":
         vocab = text.Vocabulary(run.config.data.vocab)
         out = Path(output) if output else run.dir.path / "reconstructions.txt"
@@ -426,7 +434,7 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
     run = load_run(run_dir, checkpoint, device)
     if not run.history:
         raise ConfigError(f"{run_dir} has no metrics yet")
-    written = [plots.bound_curves(run.history, run.dir.figures / "curves.png", title=run.dir.path.name)]
+    written = [run.model.curves(run.history, run.dir.figures / "curves.png", title=run.dir.path.name)]
     shape = run.data_info.get("image_shape")
     if shape:
         data = run.load_data(data_dir, download)
@@ -436,6 +444,13 @@ def plot(run_dir: str, checkpoint: str, seed: int, data_dir: str | None, device:
         torch.manual_seed(seed)
         written += run.model.figures(x, labels, shape, run.dir.figures)
     click.echo("wrote " + ", ".join(map(str, written)))
+
+
+def _needs_encoder(run: Any, command: str) -> None:
+    """Refuse a run whose family has no amortized posterior q(z | x), before anything is read."""
+    if not run.model.has_encoder:
+        raise ConfigError(f"{run.dir.path} is a {run.model_name} run, which has no encoder q(z | x) to {command} "
+                          f"with ({', '.join(n for n, c in MODELS.items() if c.has_encoder)} have one)")
 
 
 @main.command()
@@ -451,6 +466,7 @@ def encode(run_dir: str, split: str, limit: int | None, checkpoint: str, seed: i
     ``loc`` and ``scale`` (images x latent dimensions), ``index`` (rows of the split) and,
     for labelled data, ``labels``: features for downstream use."""
     run = load_run(run_dir, checkpoint, device)
+    _needs_encoder(run, "encode")
     out = Path(output) if output else run.dir.path / f"codes-{split}.npz"
     check_writable(out)
     x, labels, index = split_data(run, split, limit, seed, data_dir, download)

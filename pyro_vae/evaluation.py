@@ -118,12 +118,15 @@ def ais_arrays(est: AISEstimates | None = None, bdmc_est: BDMCEstimates | None =
 
 
 def evaluation_path(run: Run, split: str, num_particles: int, limit: int | None = None,
-                    checkpoint: str = "last", ais: int | None = None, bdmc: int | None = None) -> Path:
+                    checkpoint: str = "last", ais: int | None = None, bdmc: int | None = None,
+                    sigma: float | None = None) -> Path:
     """Where ``pyro-vae evaluate`` writes its summary by default:
-    RUN/eval-SPLIT-iwK[-nN][-aisT][-bdmcN][-best].json (the best checkpoint's results, and
-    those with AIS or BDMC, have their own names, so that none overwrites another)."""
+    RUN/eval-SPLIT-iwK[-nN][-aisT][-bdmcN][-sigmaS][-best].json (the best checkpoint's
+    results, those with AIS or BDMC and those under another observation sigma have their
+    own names, so that none overwrites another)."""
     name = (f"eval-{split}-iw{num_particles}" + (f"-n{limit}" if limit else "")
             + (f"-ais{ais}" if ais else "") + (f"-bdmc{bdmc}" if bdmc else "")
+            + (f"-sigma{sigma:g}" if sigma else "")
             + ("-best" if checkpoint == "best" else ""))
     return run.dir.path / f"{name}.json"
 

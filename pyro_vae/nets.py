@@ -13,12 +13,20 @@ from torch.nn import functional as F
 from .errors import ConfigError, Flag
 from .likelihoods import BernoulliImage  # noqa: F401  (re-exported: importable from here too)
 
+class LeakyReLU(nn.LeakyReLU):
+    """The leaky ReLU with slope 0.2 below zero, the usual choice in GANs (Radford et al. 2016)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.2)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
     "elu": nn.ELU,
     "softplus": nn.Softplus,
     "gelu": nn.GELU,
+    "leaky-relu": LeakyReLU,
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
@@ -111,6 +112,29 @@ class DReGObjective(RenyiObjective):
         return -(surrogate + (bound - surrogate).detach()).sum()
 
 
+class AdversarialGame:
+    """The two players' losses of a GAN (Goodfellow et al. 2014) from the discriminator's
+    logits on real images (``real``) and on the generator's (``fake``), summed over the
+    batch: the discriminator's cross-entropy -log D(x) - log(1 - D(G(z))), and the
+    generator's, either the non-saturating -log D(G(z)) (``minimax=False``, the paper's
+    practical choice) or the game's own log(1 - D(G(z))) (``minimax=True``), whose gradient
+    vanishes while D rejects G's images confidently, as it does early in training. Not a
+    bound: a family that trains on it (``has_density = False``) says so.
+
+    ``traceable = False``: the family's step runs eagerly (it has no Pyro program to trace).
+    """
+
+    traceable = False
+    untraceable_reason = "the GAN's step is plain torch code, run eagerly"
+
+    def __init__(self, minimax: bool = False):
+        self.minimax = minimax
+
+    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-real).sum() + F.softplus(fake).sum()
+
+    def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        return -F.softplus(fake).sum() if self.minimax else F.softplus(-fake).sum()
 class ScoreFunctionELBO(TraceGraph_ELBO):
     """Pyro's ``TraceGraph_ELBO`` with a ``differentiable_loss``: the ELBO whose gradient for
     non-reparameterized guide sites is the score function, Rao-Blackwellized over the
@@ -231,7 +255,9 @@ class ObjectiveSpec:
     summary: str
     build: Callable[..., Any]
     uses_alpha: bool = False
-    allows_kl_weight: bool = True  # False for single importance-weighted bounds
+    allows_kl_weight: bool = True  # False for single importance-weighted bounds and the GAN game
+    kl_weight_refusal: str = ("is a single importance-weighted bound: a KL weight inside its logsumexp "
+                              "would make it bound nothing")
     needs_reparameterized_guide: bool = False
     flow_refusal: str = ""  # why a flow guide (``--guide`` other than diagonal) cannot be used
     flow_alternative: str | None = None  # the objective to use instead, then
@@ -250,8 +276,7 @@ class ObjectiveSpec:
                               alpha=Flag("alpha"), objective=Flag("objective", self.name))
         if not self.allows_kl_weight and (beta != 1 or kl_warmup != 0):
             raise ConfigError(
-                "{objective} is a single importance-weighted bound: a KL weight inside its logsumexp "
-                "would make it bound nothing, so {beta} and {kl_warmup} cannot be used with it",
+                f"{{objective}} {self.kl_weight_refusal}, so {{beta}} and {{kl_warmup}} cannot be used with it",
                 objective=Flag("objective", self.name), beta=Flag("beta"), kl_warmup=Flag("kl_warmup"))
         self.check_particles(particles, insomnia)
 
@@ -288,6 +313,7 @@ def _elbo(cls: type) -> Callable[[int, float], ELBO]:
     return lambda k, alpha: cls(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
 
 
+_GAME_HAS_NO_KL = "is the GAN game, which has no KL term to weight"
 _NO_INVERSE = ("it scores draws cut from the graph and the model's own draws under the guide, which for a flow "
                "goes through the flow's inverse, and planar, radial and Sylvester flows have none")
 
@@ -312,6 +338,12 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
                                "a function of z, which for a flow goes through the flow's inverse, and planar, "
                                "radial and Sylvester flows have none (not implemented for iaf either)",
                   flow_alternative="iwae"),
+    ObjectiveSpec("gan", "the GAN game with the non-saturating generator loss -log D(G(z)) (models without a density)",
+                  lambda k, alpha: AdversarialGame(minimax=False), allows_kl_weight=False,
+                  kl_weight_refusal=_GAME_HAS_NO_KL),
+    ObjectiveSpec("gan-minimax", "the GAN game with the minimax generator loss log(1 - D(G(z))), which stalls "
+                  "early (models without a density)", lambda k, alpha: AdversarialGame(minimax=True),
+                  allows_kl_weight=False, kl_weight_refusal=_GAME_HAS_NO_KL),
     ObjectiveSpec("tracegraph", "TraceGraph_ELBO: the ELBO with score-function gradients, Rao-Blackwellized, "
                   "with the guide's baselines", trains_global_latents=True,
                   # particles one after another: a baseline's shape is that of one particle's log-density

@@ -104,6 +104,35 @@ def bound_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     return _save(fig, path)
 
 
+def gan_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """A GAN's training per epoch: both players' losses and the game's value on the fixed
+    validation images (on the scored epochs), the training step's loss (every epoch), and
+    the mean of D on real images and on G's (per image)."""
+    fig = Figure(figsize=(11, 4))
+    scored = [row for row in history if "valid_d_loss" in row]
+    epochs = [row["epoch"] for row in scored]
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(epochs, [row["valid_d_loss"] for row in scored], label="discriminator loss")
+    ax.plot(epochs, [row["valid_g_loss"] for row in scored], label="generator loss")
+    ax.plot([row["epoch"] for row in history], [row["train_loss"] for row in history], ":",
+            label="training step (D + G)")
+    ax.axhline(2 * math.log(2), color="grey", lw=0.8, ls="--", label="D loss at equilibrium (2 log 2)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    right = fig.add_subplot(1, 2, 2)
+    right.plot(epochs, [row["valid_d_real"] for row in scored], label="mean D(x), validation images")
+    right.plot(epochs, [row["valid_d_fake"] for row in scored], label="mean D(G(z))")
+    right.set_ylim(0, 1)
+    right.set_xlabel("epoch")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def reconstructions(x: torch.Tensor, recon: torch.Tensor, image_shape: Sequence[int],
                     path: Path, ncol: int = 10) -> Path:
     """Originals and their reconstructions in alternating rows (image_shape as in ``mosaic``)."""

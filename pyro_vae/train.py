@@ -39,10 +39,9 @@ from .data import BINARIZATIONS, DATASETS, DEFAULT_MAX_LENGTH, LAYOUTS, Dataset,
 from .text import MIN_WORDS
 from .errors import ConfigError, DataError, Flag, Interrupted, RunError, TrainingDiverged
 from .models import Family, model_class
+from .models.base import objective_bound  # noqa: F401  (a public name of this module before it moved)
 from .objectives import OBJECTIVES, make_objective, objective_spec
-from .bounds import estimate_bounds
 from .compiled import CompiledLoss, rng_state, set_rng_state
-from .pair import own_parameters
 from .runs import RunDir, check_writable, load_model_state
 from .stacking import stacking
 
@@ -183,10 +182,12 @@ class Run:
         return data
 
 
-def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """The training loop's Adam, fused: one kernel over all parameters instead of a Python
-    loop over them, a visible share of a small model's step."""
-    return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
+    loop over them, a visible share of a small model's step. ``betas``: the family's
+    (``Family.adam_betas``; torch's defaults unless it says otherwise)."""
+    return torch.optim.Adam(parameters, lr=lr, eps=eps, betas=betas, fused=True)
 
 
 def burda_stage(epoch: int) -> int:
@@ -225,17 +226,6 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
         torch.manual_seed(seed)
         yield
-
-
-@torch.no_grad()
-def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int | None = None) -> float:
-    """Minus the objective at KL weight 1 on ``x``, in nats per image."""
-    total = 0.0
-    batch_size = batch_size or model.score_rows
-    with pyro.validation_enabled(False), own_parameters():  # the model was checked on its first training step
-        for i in range(0, x.shape[0], batch_size):
-            total += objective.loss(model.model, model.guide, x[i : i + batch_size])
-    return -total / x.shape[0]
 
 
 #: what a checkpoint to resume from must hold, and of which kind
@@ -556,7 +546,8 @@ class Session:
         train = config.train
         world = world or World()
         model.to(device)
-        optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule])
+        optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule],
+                                   betas=model.adam_betas)
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
         objective = make_objective(train.objective, train.particles, train.alpha, train.insomnia)
@@ -735,9 +726,7 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
         s.model.eval()
         with fixed_rng(s.train.seed + 1, s.device):
             scores = {
-                "train_bound": objective_bound(s.objective, s.model, s.train_eval),
-                "valid_bound": objective_bound(s.objective, s.model, s.valid_eval),
-                **_elbo_terms(s.model, s.valid_eval),
+                **s.model.epoch_scores(s.objective, s.train_eval, s.valid_eval),
                 **{f"valid_{k}": v for k, v in s.model.metrics(s.valid_eval, s.valid_labels).items()
                    if isinstance(v, (int, float))},
             }
@@ -752,13 +741,6 @@ def _score_epoch(s: Session, state: TrainState, kl_weight: float, start_time: fl
         "steps_seconds": steps_seconds,
         "processes": s.world.size,
     }
-
-
-def _elbo_terms(model: Family, x: torch.Tensor) -> dict[str, float]:
-    """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
-    draw per image (nats per image), for the curves."""
-    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=model.score_rows, max_rows=model.score_rows)
-    return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
 
 
 def _tensorboard(path: Path) -> Any:
@@ -794,7 +776,7 @@ def _report_epoch(s: Session, state: TrainState, row: dict[str, Any]) -> None:
 
 
 def _draw_curves(s: Session, state: TrainState) -> None:
-    plots.bound_curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
+    s.model.curves(state.history, s.run.figures / "curves.png", title=s.run.path.name)
     s.curves_drawn = time.monotonic()
 
 
@@ -827,8 +809,9 @@ def _final_figures(s: Session) -> None:
     """Reconstructions and the family's own figures, at the end of training."""
     if s.image_shape is None:
         return
-    x = s.valid_eval[:50]
-    plots.reconstructions(x, s.model.reconstruct(x), s.image_shape, s.run.figures / "reconstructions.png")
+    if s.model.has_encoder:
+        x = s.valid_eval[:50]
+        plots.reconstructions(x, s.model.reconstruct(x), s.image_shape, s.run.figures / "reconstructions.png")
     with fixed_rng(s.train.seed, s.device):
         s.model.figures(s.valid_eval, s.valid_labels, s.image_shape, s.run.figures)
 
@@ -870,7 +853,7 @@ def _sample_figure(s: Session, epoch: int) -> None:
         return
     s.model.eval()
     with fixed_rng(s.train.seed, s.device):
-        images = s.model.sample(64)
+        images = s.model.sample(s.model.figure_samples)
     label = "before training" if epoch == 0 else f"after epoch {epoch}"
     name = f"samples-epoch{epoch:04d}.png"
     _figure(s, name, lambda: plots.image_grid(images, s.image_shape, s.run.figures / name,

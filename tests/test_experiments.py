@@ -389,3 +389,46 @@ def test_carry_stop_saves_a_running_fit_and_waits_for_it(tiny_npy, tmp_path):
     assert fit.wait(timeout=30) == 143, fit.stderr.read()
     carry.save(run, "run", tmp_path / "results")
     assert (tmp_path / "results" / "run" / "carry" / "checkpoint.pt").is_file()
+
+
+def _toy_runs(tmp_path):
+    """A tiny GAN and a tiny Gaussian-likelihood VAE on the same grey toy images."""
+    import numpy as np
+    from pyro_vae import TrainConfig, fit
+    from helpers import toy_images
+
+    x, y = toy_images(240, seed=4)
+    data = tmp_path / "toy.npz"
+    np.savez(data, train=x[:200].view(-1, 8, 8).numpy(), train_labels=y[:200].numpy(),
+             test=x[200:].view(-1, 8, 8).numpy(), test_labels=y[200:].numpy())
+    train = TrainConfig(dataset=str(data), epochs=2, batch_size=40, eval_size=40, figures="none")
+    fit("gan", {"z_dim": 2, "hidden": (16,)}, train, tmp_path / "gan", device="cpu")
+    fit("vae", {"z_dim": 2, "hidden": (16,), "likelihood": "gaussian", "gaussian_scale": "image"}, train,
+        tmp_path / "vae", device="cpu")
+    return tmp_path / "gan", tmp_path / "vae"
+
+
+def test_vae_vs_gan_and_bounds_vs_ais_run_end_to_end(tmp_path, monkeypatch):
+    gan, vae = _toy_runs(tmp_path)
+    script = load_script("vae_vs_gan")
+    monkeypatch.setattr(sys, "argv", ["vae_vs_gan.py", "score", "--gan", str(gan), "--vae", str(vae), "--out",
+                                      str(tmp_path / "vg"), "--images", "4", "--steps", "2", "4", "--chains", "2",
+                                      "--leapfrog", "2", "--bdmc", "2", "--sigma-images", "3", "--sigma-steps", "2"])
+    script.main()
+    r = json.loads((tmp_path / "vg" / "results.json").read_text())
+    choice = r["sigma_choice"]  # the sigma with the highest AIS estimate on validation images
+    assert str(choice["sigma"]) == max(choice["log_px"], key=choice["log_px"].get)
+    for model in ("gan", "vae"):
+        for t in ("2", "4"):
+            b = r["models"][model]["bdmc"][t]
+            assert b["upper"]["mean"] - b["lower"]["mean"] == pytest.approx(b["gap"]["mean"])
+    assert (tmp_path / "vg" / "samples.png").exists() and "| gan |" in (tmp_path / "vg" / "table.md").read_text()
+    script = load_script("bounds_vs_ais")
+    monkeypatch.setattr(sys, "argv", ["bounds_vs_ais.py", str(vae), "--out", str(tmp_path / "ba"), "--images", "4",
+                                      "--ks", "1", "5", "20", "--steps", "2", "4", "--chains", "2", "--leapfrog", "2",
+                                      "--bdmc", "2"])
+    script.main()
+    r = json.loads((tmp_path / "ba" / "results.json").read_text())
+    assert r["iwae"]["1"]["mean"] <= r["iwae"]["20"]["mean"] + 1.0  # tiny K: ordered up to Monte Carlo error
+    assert r["ais"]["4"]["evaluations"] == 2 * (1 + 3 * 2)
+    assert (tmp_path / "ba" / "bounds-vs-ais.png").exists()

@@ -197,7 +197,8 @@ def test_resume_of_a_finished_run_says_how_to_extend(tiny_npy, tmp_path):
     assert "--" not in str(refused.value) and "--epochs N" in refused.value.cli_message()
 
 
-PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) for objective in cls.objectives]
+# the families with a density: the GAN's valid_bound is its game's value, not a bound (tests/test_gan.py)
+PAIRS = [(name, objective) for name, cls in sorted(MODELS.items()) if cls.has_density for objective in cls.objectives]
 
 
 # small networks for the tiny 8x8 data; the SSVAE, ADGM and M1+M2 with four classes and two labels each

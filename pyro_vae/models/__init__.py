@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from .adgm import ADGM, ADGMConfig
 from .base import Family, NetsConfig
 from .draw import DRAW, DRAWConfig
+from .gan import GAN, GANConfig
 from .gmvae import GMVAE, GMVAEConfig
 from .m1m2 import M1M2, M1M2Config
 from .sbn import SBN, SBNConfig
@@ -17,7 +18,8 @@ from .ssvae import SSVAE, SSVAEConfig
 from .vae import IWAE, VAE, VAEConfig
 
 MODELS: dict[str, type[Family]] = {"vae": VAE, "iwae": IWAE, "gmvae": GMVAE, "ssvae": SSVAE, "m1m2": M1M2, "adgm": ADGM,
-                                  "sbn": SBN, "sentence-vae": SentenceVAE, "rnnlm": RNNLM, "draw": DRAW}
+                                  "sbn": SBN, "sentence-vae": SentenceVAE, "rnnlm": RNNLM, "draw": DRAW,
+                                  "gan": GAN}
 
 
 def model_class(name: str) -> type[Family]:
@@ -35,7 +37,7 @@ def build_model(name: str, shape: tuple[int, ...] | int, config: dict[str, Any] 
     return cls(shape, config_from_dict(cls.Config, config or {}))
 
 
-__all__ = ["ADGM", "ADGMConfig", "DRAW", "DRAWConfig", "Family", "GMVAE", "GMVAEConfig", "IWAE", "M1M2", "M1M2Config",
-           "MODELS", "NetsConfig", "RNNLM", "RNNLMConfig", "SBN", "SBNConfig", "SSVAE", "SSVAEConfig", "SentenceVAE",
-           "SentenceVAEConfig", "VAE",
+__all__ = ["ADGM", "ADGMConfig", "DRAW", "DRAWConfig", "Family", "GAN", "GANConfig", "GMVAE", "GMVAEConfig", "IWAE",
+           "M1M2", "M1M2Config", "MODELS", "NetsConfig", "RNNLM", "RNNLMConfig", "SBN", "SBNConfig", "SSVAE",
+           "SSVAEConfig", "SentenceVAE", "SentenceVAEConfig", "VAE",
            "VAEConfig", "build_model", "config_from_dict", "model_class"]

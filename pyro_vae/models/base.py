@@ -15,8 +15,8 @@ vectors) from its config dataclass. It declares:
   A family with several latent sites says what its code z is (DRAW's: the concatenation
   of its per-step codes); the evaluator, AIS and the objectives take any number of
   sites inside the data plate and need none of these read-outs;
-- capability flags (``has_clusters``, ``has_classes``) that the CLI reads instead of
-  probing for methods;
+- capability flags (``has_clusters``, ``has_classes``, ``has_encoder``, ``has_density``)
+  that the CLI reads instead of probing for methods;
 - ``global_latents(config)``: whether a model of this config has latents outside the data
   plate (False by default: every latent in it). Such sites (the weights of a Bayesian
   network, ``bayesian``) are marked ``infer[keyed.GLOBAL]`` in model and guide and scaled
@@ -26,7 +26,8 @@ vectors) from its config dataclass. It declares:
   prior / guide ratio out of the per-datapoint weights (``bounds``);
 - hooks of the training loop with defaults for an unsupervised model trained on batches
   of images (the semi-supervised families override the batches and the pair's arguments,
-  the GMVAE the figures);
+  the GMVAE the figures); what is scored after each epoch (``epoch_scores``) and drawn
+  from its history (``curves``); the optimizer's Adam betas (``adam_betas``);
 - the kind of data it models (``data_kind``, one of ``data.KINDS``): ``check_data``
   refuses a dataset of another kind in one line. Image families take (N, D) batches of
   values in [0, 1]; the text families (``sentence_vae.py``) take (N, W) batches of padded
@@ -35,6 +36,14 @@ vectors) from its config dataclass. It declares:
   ``training_batches`` for it, and ``add_units`` (what the evaluator reports beside nats
   per item: bits per dimension by default, perplexity for text). ``score_rows`` says how
   many items the loop's per-epoch scores put through the networks at once.
+
+A model without an amortized posterior or a likelihood of its own (the GAN) keeps the
+contract: its ``guide`` is its prior (a valid, loose, importance sampler, so every bound
+and AIS from the "guide" still apply), ``has_encoder = False`` makes ``encode`` and
+``reconstruct`` refuse, ``has_density = False`` says that scoring needs an observation
+model, given through ``set_observation`` (``pyro-vae evaluate --observation gaussian
+--sigma S``), and its ``training_loss`` and ``epoch_scores`` are its own game's. Every
+default keeps the families with a guide and a likelihood as they were.
 
 The networks, the likelihood and the guide come from their registries (``nets.ENCODERS``,
 ``nets.DECODERS``, ``likelihoods.LIKELIHOODS``, ``guides.GUIDES``) by the names in
@@ -50,10 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
+from ..bounds import estimate_bounds
 from ..config import check_fields, option
 from ..data import Dataset
 from ..errors import ConfigError, Flag
@@ -61,9 +72,31 @@ from ..metrics import add_bits_per_dim
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, Likelihood, LikelihoodConfig, make_likelihood
 from ..nets import DECODERS, ENCODERS, make_decoder
-from ..pair import attach_pair, unique_name
+from .. import plots
+from ..pair import attach_pair, own_parameters, unique_name
 
 Shape = tuple[int, ...]
+#: observation models p(x | z) that ``set_observation`` can give a family without a density
+OBSERVATIONS = ("gaussian",)
+
+
+@torch.no_grad()
+def objective_bound(objective: Any, model: Any, x: torch.Tensor, batch_size: int | None = None) -> float:
+    """Minus the objective at KL weight 1 on ``x``, in nats per image (``batch_size``
+    items at a time, by default the family's ``score_rows``)."""
+    total = 0.0
+    batch_size = batch_size or model.score_rows
+    with pyro.validation_enabled(False), own_parameters():  # the model was checked on its first training step
+        for i in range(0, x.shape[0], batch_size):
+            total += objective.loss(model.model, model.guide, x[i : i + batch_size])
+    return -total / x.shape[0]
+
+
+def elbo_terms(model: Any, x: torch.Tensor) -> dict[str, float]:
+    """The validation ELBO's two terms, KL(q(z|x) || p(z)) and E_q log p(x|z), from one
+    draw per image (nats per image), for the curves."""
+    est = estimate_bounds(model.model, model.guide, x, 1, batch_size=model.score_rows, max_rows=model.score_rows)
+    return {"valid_kl": est.kl.mean().item(), "valid_reconstruction": est.log_lik.mean().item()}
 
 
 @dataclass
@@ -95,6 +128,12 @@ class Family(PyroModule):
     has_classes: ClassVar[bool] = False  # a class label y: sample_by_class, classifier metrics
     enumerates_in_guide: ClassVar[bool] = False  # a discrete site summed out in the guide
     pair_methods: ClassVar[tuple[str, ...]] = ("model", "guide")  # run as PairFunctions (pair.py)
+    has_encoder: ClassVar[bool] = True  # an amortized q(z | x): encode, reconstruct, interpolations
+    has_density: ClassVar[bool] = True  # p(x | z) of its own; else scoring needs set_observation
+    score_name: ClassVar[str] = "bound"  # what train_bound / valid_bound hold, in words
+    evaluate_hint: ClassVar[str] = "--iw 5000"  # the options of the evaluate command to suggest
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)  # torch's defaults
+    figure_samples: ClassVar[int] = 64  # images in the grids of samples drawn during training
     data_kind: ClassVar[str] = "image"  # the kind of dataset it models (data.KINDS)
     score_rows: ClassVar[int] = 1000  # items per pass of the loop's per-epoch scores
 
@@ -236,6 +275,26 @@ class Family(PyroModule):
         args, kwargs = self.pair_arguments(batch)
         return objective.differentiable_loss(self.model, self.guide, *args, kl_weight=kl_weight, **kwargs)
 
+    def epoch_scores(self, objective: Any, train_x: torch.Tensor, valid_x: torch.Tensor) -> dict[str, float]:
+        """What is scored on the fixed training and validation images after each epoch:
+        ``train_bound`` and ``valid_bound`` (the best checkpoint has the highest
+        ``valid_bound``), and any ``valid_*`` numbers for the curves. By default minus the
+        objective, and the validation ELBO's two terms."""
+        return {"train_bound": objective_bound(objective, self, train_x),
+                "valid_bound": objective_bound(objective, self, valid_x), **elbo_terms(self, valid_x)}
+
+    def curves(self, history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+        """The figure of the per-epoch history (curves.png): the bounds by default."""
+        return plots.bound_curves(history, path, title=title)
+
+    def set_observation(self, observation: str | None, sigma: float | None) -> None:
+        """Give a family without a density (``has_density = False``) the observation model
+        p(x | z) that scoring needs: ``gaussian``, N(mean image, sigma^2 I) (Wu et al.
+        2017). A family with its own likelihood takes none, and refuses one."""
+        if observation is not None or sigma is not None:
+            raise ConfigError(f"{{observation}} and {{sigma}} give a model without a density one to score by; "
+                              f"this {type(self).__name__} has its own likelihood p(x | z) ({self.likelihood.name})",
+                              observation=Flag("observation"), sigma=Flag("sigma"))
     def add_units(self, summary: dict[str, Any], x: torch.Tensor) -> None:
         """Add to the evaluator's ``summary`` of ``x`` its bounds in the units of this
         family's data: bits per dimension for likelihoods of discrete values."""

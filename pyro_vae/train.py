@@ -77,6 +77,8 @@ class TrainConfig:
     lr_schedule: str = option("exponential", "exponential: --lr times --lr-decay^epoch; burda: Burda et al. "
                               "2016's, 3^i epochs at --lr x 10^(-i/7) for i = 0..7 (3,280 in all; the last "
                               "rate after), with Adam's eps 1e-4", LR_SCHEDULES)
+    adam_beta1: float = option(0.9, "Adam's beta1, the decay of its running mean of the gradient (beta2 stays "
+                               "0.999)", at_least=0, below=1)
     objective: str | None = option(None, "ELBO flavour (default: the model's own)", OBJECTIVES)
     particles: int | None = option(None, "samples per datapoint in the objective (default: the model's, 1; "
                                    "5 for iwae)", at_least=1)
@@ -144,10 +146,11 @@ class Run:
         return data
 
 
-def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8,
+                   beta1: float = 0.9) -> torch.optim.Optimizer:
     """The training loop's Adam, fused: one kernel over all parameters instead of a Python
     loop over them, a visible share of a small model's step."""
-    return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
+    return torch.optim.Adam(parameters, lr=lr, betas=(beta1, 0.999), eps=eps, fused=True)
 
 
 def burda_stage(epoch: int) -> int:
@@ -495,7 +498,8 @@ class Session:
         train = config.train
         world = world or World()
         model.to(device)
-        optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule])
+        optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule],
+                                   beta1=train.adam_beta1)
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
         objective = make_objective(train.objective, train.particles, train.alpha)

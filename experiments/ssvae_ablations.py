@@ -4,7 +4,8 @@ difference from the default recipe on the same label draw at the same epochs.
 
     python experiments/ssvae_ablations.py RUN... [--baseline DIR] [--out DIR]
 
-Each RUN is a ``pyro-vae fit ssvae`` run. The default recipe's curve for a label draw
+Each RUN is a ``pyro-vae fit ssvae`` run (on draw S: ``--seed S``, or ``--labelled-rows``
+of a file named ``draw-S.txt``). The default recipe's curve for a label draw
 (seed S) is read from ``BASELINE/seedS/metrics.jsonl`` (the 60-epoch five-draw runs, whose
 first epochs are what a default run of this revision gives) unless a RUN is itself the
 default recipe. The score of a run is its mean validation accuracy over its last
@@ -33,7 +34,9 @@ def changes(config: dict) -> dict:
     training (after ``resolve`` filled the objective, particles and binarization in)."""
     family = model_class(config["model"]).Config()
     out = {k: v for k, v in config["model_config"].items()
-           if k != "labels" and json.loads(json.dumps(getattr(family, k, None))) != v}
+           if k not in ("labels", "labelled_rows") and json.loads(json.dumps(getattr(family, k, None))) != v}
+    if config["model_config"].get("labelled_rows"):
+        out["training seed"] = config["train"]["seed"]
     defaults = {"objective": "enum", "particles": 1,
                 "binarize": "dynamic" if config["model_config"].get("likelihood", "bernoulli") == "bernoulli"
                 else "none"}
@@ -44,6 +47,13 @@ def changes(config: dict) -> dict:
         if v != defaults.get(k, train.get(k)) and not (k == "binarize" and v is None):
             out[k] = v  # binarize None: the dataset's own, dynamic for MNIST
     return out
+
+
+def draw_of(config: dict) -> int:
+    """The label draw a run trained on: its seed, or S for ``--labelled-rows .../draw-S.txt``
+    (the driver's retrain arm: draw S's labelled images under another training seed)."""
+    rows = config["model_config"].get("labelled_rows")
+    return int(Path(rows).stem.split("-")[-1]) if rows else config["train"]["seed"]
 
 
 def curve(metrics: Path) -> list[dict]:
@@ -66,7 +76,7 @@ def main(runs: tuple[Path, ...], baseline: Path, last: int, out: Path | None) ->
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         metrics = curve(run / "metrics.jsonl")
-        seed, epochs = config["train"]["seed"], len(metrics)
+        seed, epochs = draw_of(config), len(metrics)
         base = curve(baseline / f"seed{seed}" / "metrics.jsonl")
         if epochs < last or len(base) < epochs:
             raise click.UsageError(f"{run}: {epochs} epochs; need at least --last {last} and at most the "

@@ -4,6 +4,7 @@
 # Runs already finished (EPOCHS rows of metrics) are skipped; an unfinished one is resumed.
 # Usage: bash experiments/ssvae_ablations.sh ARM...      (ARM: a name from the table below)
 #   EPOCHS (default 6), SEED (default 0), RUNS (default runs) from the environment.
+# The retrain arm needs RUNS/draw-SEED.txt, the labelled rows of draw SEED (one per line).
 # Then: python experiments/ssvae_ablations.py RUNS/abl-* --out experiments/results/ssvae-ablations
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 ARM..." >&2; exit 2; }
@@ -12,7 +13,11 @@ pyro_vae=(${PYRO_VAE:-pyro-vae})
 for arm in "$@"; do
     case $arm in
         default) flags=() ;;
-        aux10) flags=(--aux-weight 10) ;;          # Kingma et al.'s alpha = 0.1 N, per step
+        # the defaults again on the same labelled images (RUNS/draw-SEED.txt) with other
+        # weights, batches and binarizations: how far two runs of one recipe differ
+        retrain) flags=(--labels 100 --labelled-rows "$runs/draw-$seed.txt" --seed $((seed + 5))) ;;
+        aux0.1) flags=(--aux-weight 0.1) ;;        # Kingma et al.'s alpha = 0.1 N in this loop's units
+        aux10) flags=(--aux-weight 10) ;;
         aux1000) flags=(--aux-weight 1000) ;;
         aux300) flags=(--aux-weight 300) ;;
         aux30) flags=(--aux-weight 30) ;;
@@ -26,6 +31,7 @@ for arm in "$@"; do
         relu) flags=(--activation relu) ;;
         z50) flags=(--z-dim 50) ;;
         z16) flags=(--z-dim 16) ;;
+        beta1-0.95) flags=(--adam-beta1 0.95) ;;  # Pyro's SS-VAE example
         *) echo "unknown arm $arm" >&2; exit 2 ;;
     esac
     run=$runs/abl-$arm-s$seed

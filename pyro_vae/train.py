@@ -90,6 +90,9 @@ class TrainConfig:
     lr_schedule: str = option("exponential", "exponential: --lr times --lr-decay^epoch; burda: Burda et al. "
                               "2016's, 3^i epochs at --lr x 10^(-i/7) for i = 0..7 (3,280 in all; the last "
                               "rate after), with Adam's eps 1e-4", LR_SCHEDULES)
+    adam_beta1: float | None = option(None, "Adam's beta1, the decay of its running mean of the gradient "
+                                      "(default: the family's, torch's 0.9 but for the GAN's 0.5; beta2 stays "
+                                      "the family's, 0.999)", at_least=0, below=1)
     objective: str | None = option(None, "ELBO flavour (default: the model's own)", OBJECTIVES)
     particles: int | None = option(None, "samples per datapoint in the objective (default: the model's, 1; "
                                    "5 for iwae)", at_least=1)
@@ -182,11 +185,17 @@ class Run:
         return data
 
 
+def adam_betas(train: TrainConfig, model: Family) -> tuple[float, float]:
+    """Adam's betas for this run: ``--adam-beta1`` where given, else the family's."""
+    beta1, beta2 = model.adam_betas
+    return (beta1 if train.adam_beta1 is None else train.adam_beta1), beta2
+
+
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-8,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """The training loop's Adam, fused: one kernel over all parameters instead of a Python
-    loop over them, a visible share of a small model's step. ``betas``: the family's
-    (``Family.adam_betas``; torch's defaults unless it says otherwise)."""
+    loop over them, a visible share of a small model's step. ``betas``: the run's
+    (``adam_betas``; torch's defaults unless the family or ``--adam-beta1`` says otherwise)."""
     return torch.optim.Adam(parameters, lr=lr, eps=eps, betas=betas, fused=True)
 
 
@@ -547,7 +556,7 @@ class Session:
         world = world or World()
         model.to(device)
         optimizer = make_optimizer(model.parameters(), train.lr, eps=ADAM_EPS[train.lr_schedule],
-                                   betas=model.adam_betas)
+                                   betas=adam_betas(train, model))
         # the same random images at every epoch
         rows = {name: random_rows(len(data.split(name)), train.eval_size, train.seed) for name in ("train", "valid")}
         objective = make_objective(train.objective, train.particles, train.alpha, train.insomnia)

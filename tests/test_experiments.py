@@ -432,3 +432,48 @@ def test_vae_vs_gan_and_bounds_vs_ais_run_end_to_end(tmp_path, monkeypatch):
     assert r["iwae"]["1"]["mean"] <= r["iwae"]["20"]["mean"] + 1.0  # tiny K: ordered up to Monte Carlo error
     assert r["ais"]["4"]["evaluations"] == 2 * (1 + 3 * 2)
     assert (tmp_path / "ba" / "bounds-vs-ais.png").exists()
+
+
+def test_ssvae_ablations_scores_each_arm_against_the_default_on_its_draw(tmp_path):
+    """The table's score is the mean validation accuracy over the last epochs, set against
+    the baseline curve of the same draw at the same epochs; the arm's changes are named
+    from the resolved config (none for the defaults; a retrain on draw-S.txt is draw S)."""
+    import dataclasses
+
+    from pyro_vae import resolve
+
+    script = load_script("ssvae_ablations")
+
+    def write_run(path, model_config, train, accuracies):
+        path.mkdir(parents=True)
+        resolved = resolve("ssvae", model_config, train)
+        (path / "config.json").write_text(json.dumps({
+            "model": "ssvae", "model_config": dataclasses.asdict(resolved.model_config),
+            "train": dataclasses.asdict(resolved.train)}))
+        (path / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": i + 1, "valid_accuracy": a, "valid_bound": -100.0 - i, "seconds": 10.0}) + "\n"
+            for i, a in enumerate(accuracies)))
+
+    from pyro_vae import TrainConfig
+
+    base = tmp_path / "baseline"
+    for seed, curve in ((0, [0.5, 0.6, 0.7, 0.8, 0.9]), (1, [0.4, 0.4, 0.4, 0.4, 0.4])):
+        write_run(base / f"seed{seed}", {}, TrainConfig(seed=seed), curve)
+    write_run(tmp_path / "aux", {"aux_weight": 10.0}, TrainConfig(epochs=4), [0.5, 0.7, 0.8, 0.9])
+    write_run(tmp_path / "default", {}, TrainConfig(epochs=4, seed=1), [0.4, 0.5, 0.5, 0.5])
+    write_run(tmp_path / "retrain", {"labelled_rows": str(tmp_path / "draw-1.txt")},
+              TrainConfig(epochs=3, seed=6, lr=3e-3), [0.4, 0.4, 0.1])
+    out = tmp_path / "table"
+    runs = [str(tmp_path / n) for n in ("aux", "default", "retrain")]
+    result = CliRunner().invoke(script.main, [*runs, "--baseline", str(base), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in json.loads((out / "table.json").read_text())}
+    assert rows["aux"]["changes"] == {"aux_weight": 10.0} and rows["default"]["changes"] == {}
+    assert rows["aux"]["score"] == pytest.approx(0.8) and rows["aux"]["default_score"] == pytest.approx(0.7)
+    assert rows["default"]["difference"] == pytest.approx(0.1) and rows["default"]["seed"] == 1
+    assert rows["retrain"]["changes"] == {"lr": 3e-3, "training seed": 6} and rows["retrain"]["seed"] == 1
+    assert rows["retrain"]["score"] == pytest.approx(0.3) and rows["retrain"]["default_score"] == pytest.approx(0.4)
+    assert (out / "table.md").read_text().count("\n") == 2 + 3
+    too_long = CliRunner().invoke(script.main, [runs[0], "--baseline", str(base), "--last", "5"])
+    assert too_long.exit_code != 0 and "need at least --last 5" in too_long.output

@@ -427,3 +427,27 @@ def test_eval_every_may_change_on_resume_and_nothing_else_does(tiny_npy, tmp_pat
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["train"]["eval_every"] == 2
     with pytest.raises(ConfigError, match="eval_every"):
         resume(tmp_path / "cut", epochs=9, eval_every=0, device="cpu")
+
+
+def test_adam_beta1_reaches_the_optimizer_and_resume_keeps_it(tiny_npy, tmp_path):
+    """--adam-beta1 sets Adam's first beta (the default is torch's 0.9), saved with the
+    optimizer, so a resumed run goes on with it; another beta1 trains to other weights."""
+    def betas(run):
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        return tuple(state["optimizer"]["param_groups"][0]["betas"])
+
+    plain = fit("vae", SMALL, config(tiny_npy, epochs=1), tmp_path / "plain", device="cpu")
+    fit("vae", SMALL, config(tiny_npy, epochs=1, adam_beta1=0.5), tmp_path / "half", device="cpu")
+    assert betas(tmp_path / "plain") == (0.9, 0.999) and betas(tmp_path / "half") == (0.5, 0.999)
+    resumed = resume(tmp_path / "half", epochs=2, device="cpu")
+    assert betas(tmp_path / "half") == (0.5, 0.999) and len(resumed.history) == 2
+    assert plain.history[0]["valid_bound"] != resumed.history[0]["valid_bound"]
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "nan"])
+def test_cli_refuses_a_beta1_outside_0_1(tiny_npy, tmp_path, value):
+    from helpers import FAST, assert_clean_error, invoke
+
+    assert_clean_error(invoke("fit", "vae", "--dataset", tiny_npy, "--run-dir", tmp_path / "r", "--adam-beta1",
+                              value, *FAST), "--adam-beta1")
+    assert not (tmp_path / "r").exists()

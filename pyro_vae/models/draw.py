@@ -360,9 +360,11 @@ class DRAW(Family):
                 boxes = {"write": [self.box(self.writer, s.h) for s in states]}
                 if read is not None:
                     boxes["read"] = [self.box(self.reader, w=w) for w in read]
+            title = f"DRAW {name}, canvas after each of the {len(states)} steps"
+            if boxes:
+                title += " (" + ", ".join(f"{k} window {plots.BOX_COLOURS[k].removeprefix('tab:')}" for k in boxes) + ")"
             written.append(plots.canvas_sequence(images, image_shape, boxes, directory / f"canvas-{name}.png",
-                                                 title=f"DRAW {name}, canvas after each of the {len(states)} steps"
-                                                 + (" (write window red, read window green)" if attention else "")))
+                                                 title=title))
         written.append(plots.latent_interpolation(self, x, image_shape, directory / "interpolation.png"))
         return written
 
